@@ -1,0 +1,24 @@
+# The README's two commands: `make demo` (the main job) and `make test` (install + the test suite).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+demo: $(VENV)/.installed
+	$(BIN)/fastppo demo
+
+test: $(VENV)/.installed
+	$(BIN)/pytest
+
+install: $(VENV)/.installed
+
+# Reinstalled when the package metadata or the pins change.
+$(VENV)/.installed: pyproject.toml constraints-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints-dev.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints-dev.txt -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,107 @@
+"""Argument checks and backend choice, shared by every op and every backend.
+
+Each check raises a `TypeError` (wrong kind of thing) or `ValueError` (right kind, wrong value) that
+names the argument and says what was expected, before any kernel runs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from numbers import Real
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    """Triton's interpreter runs kernels on CPU tensors; it is chosen by TRITON_INTERPRET=1."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" (or FASTPPO_BACKEND when set) -> "triton" on CUDA tensors, the chunked reference on CPU."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("FASTPPO_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"FASTPPO_BACKEND must be one of {BACKENDS}; got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise ValueError("backend='triton' needs the triton package, which is not installed")
+        if device.type != "cuda" and not triton_interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {device.type}); on CPU use backend='torch', "
+                "or set TRITON_INTERPRET=1 before importing triton to run the kernels interpreted"
+            )
+    return backend
+
+
+def check_tensor(name: str, x, dtypes: tuple[torch.dtype, ...], kind: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must be a {kind} tensor ({names}); got {x.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all tensors must be on one device")
+
+
+def check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0; got {value}")
+    return value
+
+
+def check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    return value
+
+
+def check_token_inputs(logits, labels, temperature, ignore_index, validate) -> float:
+    """Checks shared by token_logprobs and ppo_loss; returns temperature as a float."""
+    check_tensor("logits", logits, FLOAT_DTYPES, "floating-point")
+    check_tensor("labels", labels, INT_DTYPES, "integer")
+    if logits.dim() < 1:
+        raise ValueError("logits must have shape (..., V) with a vocabulary dimension; got a scalar")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits has an empty vocabulary (shape {tuple(logits.shape)}); V must be >= 1")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}; "
+                         f"got {tuple(labels.shape)}")
+    check_same_device(logits=logits, labels=labels)
+    temperature = check_positive("temperature", temperature)
+    ignore_index = check_int("ignore_index", ignore_index)
+    if validate and labels.numel():
+        vocab = logits.shape[-1]
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        if bool(bad.any()):  # one device sync; validate=False skips it
+            first = labels[bad].flatten()[0].item()
+            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                             f"found {first} ({int(bad.sum())} such labels)")
+    return temperature

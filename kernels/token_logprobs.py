@@ -1,0 +1,242 @@
+"""Per-token log-probabilities and entropy, fused, directly from logits.
+
+    logprob_t = log softmax(x_t / T)[y_t]        entropy_t = -sum_v p_tv log p_tv,  p_t = softmax(x_t / T)
+
+Byte floor, for N rows of V logits of b bytes each (b = 2 for bf16/fp16, 4 for fp32):
+    forward   reads N*V*b once                 (+ N labels in, 2 floats per row out, 2 saved)
+    backward  reads N*V*b once, writes N*V*b   (+ a few floats per row)
+so a benchmark reads forward time against N*V*b bytes and backward against 2*N*V*b.
+
+Precision: everything is accumulated in float32 from whatever the logits' dtype is. Instead of the
+log-sum-exp itself the forward saves its two parts, the row max `m` (in logit units) and
+`log s = log sum exp((x - m) / T)`, so that `log p = (x - m) / T - log s` is formed from a difference
+of nearby numbers: at logits of magnitude 1e4 a saved `lse` would already carry an absolute error of
+~1e-3 in float32, which every recomputed probability would inherit.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastppo import chunked, reference
+from fastppo.checks import check_token_inputs, resolve_backend
+from fastppo.layout import as_outer_inner
+from fastppo.kernels._triton import triton, tl
+
+# One program reads a row in blocks of at most this many logits (power of two).
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    # pointers
+    logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, max_ptr, logsum_ptr,
+    # shapes
+    n_inner, V,
+    # strides (of the logits' two row dimensions; the vocabulary dimension is contiguous)
+    stride_outer, stride_inner,
+    # meta
+    temperature, ignore_index,
+    RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # int64 before any multiply: row * stride exceeds 2**31 at real sizes (16k rows x 152k vocab).
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    active = label != ignore_index
+    n_read = tl.where(active, V, 0)  # ignored rows read nothing: their loads are fully masked
+    cols = tl.arange(0, BLOCK_V)
+
+    # Online log-sum-exp over blocks. With d = (x - m) / T relative to the running max m:
+    #   s = sum exp(d),   t = sum exp(d) * d      (so entropy = log s - t / s)
+    # When the max moves from m to m', both are re-based: a = exp((m - m') / T),
+    #   s' = a * s,   t' = a * (t + s * (m - m') / T).
+    # The running max starts at -inf; a -inf logit (a banned token) contributes exp(-inf) = 0, and
+    # the `where`s below keep -inf - (-inf) and 0 * -inf from turning into NaN.
+    m = float("-inf")
+    s = 0.0
+    t = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        x = tl.load(base + offs, mask=offs < n_read, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        shift = tl.where(s > 0.0, (m - m_ref) / temperature, 0.0)
+        alpha = tl.exp(shift)
+        d = (x - m_ref) / temperature
+        e = tl.exp(d)
+        if RETURN_ENTROPY:  # before s moves on: the re-base uses the old s
+            t = alpha * (t + s * shift) + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+
+    log_s = tl.log(s)
+    in_vocab = (label >= 0) & (label < V)
+    x_label = tl.load(base + tl.where(in_vocab & active, label, 0)).to(tl.float32)
+    # A label outside [0, V) (possible only with validate=False) gives NaN, never an out-of-bounds read.
+    logprob = tl.where(in_vocab, (x_label - m) / temperature - log_s, float("nan"))
+    tl.store(logprobs_ptr + row, tl.where(active, logprob, 0.0))
+    tl.store(max_ptr + row, tl.where(active, m, 0.0))
+    tl.store(logsum_ptr + row, tl.where(active, log_s, 0.0))
+    if RETURN_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(active, log_s - t / s, 0.0))
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    # pointers
+    logits_ptr, labels_ptr, max_ptr, logsum_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+    grad_logits_ptr,
+    # shapes
+    n_inner, V,
+    # strides (grad_logits is a fresh contiguous (N, V) buffer)
+    stride_outer, stride_inner,
+    # meta
+    temperature, ignore_index,
+    HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # With log p_v = (x_v - m) / T - log s recomputed from the saved (m, log s):
+    #   d logprob / d x_v = (1[v == y] - p_v) / T
+    #   d entropy / d x_v = -p_v (log p_v + H) / T
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+    grad_base = grad_logits_ptr + row * V
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    active = label != ignore_index
+    n_read = tl.where(active, V, 0)
+    m = tl.load(max_ptr + row)
+    log_s = tl.load(logsum_ptr + row)
+    g_lp = tl.load(grad_logprobs_ptr + row)
+    if HAS_GRAD_ENTROPY:
+        g_h = tl.load(grad_entropy_ptr + row)
+        h = tl.load(entropy_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        x = tl.load(base + offs, mask=offs < n_read, other=float("-inf")).to(tl.float32)
+        logp = (x - m) / temperature - log_s
+        p = tl.exp(logp)
+        g = tl.where(offs == label, g_lp, 0.0) - g_lp * p
+        if HAS_GRAD_ENTROPY:
+            g -= g_h * tl.where(p > 0.0, p * (logp + h), 0.0)
+        g = tl.where(active, g / temperature, 0.0)
+        tl.store(grad_base + offs, g.to(grad_logits_ptr.dtype.element_ty), mask=offs < V)
+
+
+def _launch_config(V: int) -> tuple[int, int]:
+    block = max(16, min(triton.next_power_of_2(V), MAX_BLOCK_V))
+    return block, (4 if block <= 1024 else 8)
+
+
+def _forward(x3: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+             return_entropy: bool):
+    n_outer, n_inner, V = x3.shape
+    n = n_outer * n_inner
+    logprobs, entropy, row_max, log_sum = (
+        torch.empty(n, dtype=torch.float32, device=x3.device) for _ in range(4))
+    if n:
+        block, warps = _launch_config(V)
+        _token_logprobs_fwd_kernel[(n,)](
+            x3, labels, logprobs, entropy, row_max, log_sum,
+            n_inner, V, x3.stride(0), x3.stride(1),
+            temperature, ignore_index,
+            RETURN_ENTROPY=return_entropy, BLOCK_V=block, num_warps=warps,
+        )
+    return logprobs, entropy, row_max, log_sum
+
+
+def _backward(x3, labels, row_max, log_sum, entropy, grad_logprobs, grad_entropy, temperature,
+              ignore_index, dtype):
+    n_outer, n_inner, V = x3.shape
+    n = n_outer * n_inner
+    grad = torch.empty((n, V), dtype=dtype, device=x3.device)
+    if n:
+        block, warps = _launch_config(V)
+        has_grad_entropy = grad_entropy is not None
+        _token_logprobs_bwd_kernel[(n,)](
+            x3, labels, row_max, log_sum, entropy, grad_logprobs,
+            grad_entropy if has_grad_entropy else grad_logprobs, grad,
+            n_inner, V, x3.stride(0), x3.stride(1),
+            temperature, ignore_index,
+            HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=warps,
+        )
+    return grad
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """Triton forward and backward; outputs (logprobs, entropy) flattened to (N,) float32."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy):
+        x3 = as_outer_inner(logits)
+        if x3 is None:  # rows need more than two strides: one copy (documented in token_logprobs)
+            x3 = logits.reshape(1, -1, logits.shape[-1])
+        labels = labels.reshape(-1)
+        logprobs, entropy, row_max, log_sum = _forward(x3, labels, temperature, ignore_index,
+                                                       return_entropy)
+        ctx.save_for_backward(x3, labels, row_max, log_sum, entropy)
+        ctx.temperature, ctx.ignore_index, ctx.shape = temperature, ignore_index, logits.shape
+        ctx.set_materialize_grads(False)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        x3, labels, row_max, log_sum, entropy = ctx.saved_tensors
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(row_max)
+        flat = lambda g: g.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
+        grad = _backward(x3, labels, row_max, log_sum, entropy, flat(grad_logprobs),
+                         None if grad_entropy is None else flat(grad_entropy),
+                         ctx.temperature, ctx.ignore_index, x3.dtype)
+        return grad.view(ctx.shape), None, None, None, None
+
+
+def _reference_rows(logits, labels, *, temperature, ignore_index, return_entropy):
+    out = reference.token_logprobs(logits, labels, temperature=temperature,
+                                   ignore_index=ignore_index, return_entropy=return_entropy)
+    return tuple(o.float() for o in (out if return_entropy else (out,)))
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    validate: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label under softmax(logits / temperature), and optionally the entropy.
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float16 (float64 is accepted too). Any strides with a
+            contiguous last dimension are read in place: `logits[:, :-1]` costs no copy. A last
+            dimension that is not contiguous is copied once.
+        labels: (...) int64 or int32, equal to logits.shape[:-1].
+        temperature: > 0; logits are divided by it, identically in forward and backward.
+        ignore_index: positions with this label get logprob 0, entropy 0 and zero gradient.
+        return_entropy: also return the entropy of softmax(logits / temperature).
+        validate: check that every label is in [0, V) or equals ignore_index (one device sync).
+            With validate=False that is the caller's promise; a broken one yields NaN at that
+            position, never an out-of-bounds read.
+        backend: "triton", "torch" (the chunked reference) or "auto"; see `fastppo.kernels`.
+
+    Returns:
+        float32 logprobs of shape labels.shape, and with return_entropy the float32 entropy too.
+        Both are differentiable with respect to logits; the gradient has the logits' dtype.
+    """
+    temperature = check_token_inputs(logits, labels, temperature, ignore_index, validate)
+    backend = resolve_backend(backend, logits.device)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if backend == "torch":
+        fn = functools.partial(_reference_rows, temperature=temperature, ignore_index=ignore_index,
+                               return_entropy=bool(return_entropy))
+        out = chunked.rowwise(fn, logits, labels)
+        return out if return_entropy else out[0]
+    logprobs, entropy = TokenLogprobsFunction.apply(logits, labels, temperature, ignore_index,
+                                                    bool(return_entropy))
+    logprobs = logprobs.view(labels.shape)
+    return (logprobs, entropy.view(labels.shape)) if return_entropy else logprobs

@@ -57,7 +57,7 @@ def check_tensor(name: str, x, dtypes: tuple[torch.dtype, ...], kind: str) -> No
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
     if x.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise TypeError(f"{name} must be a {kind} tensor ({names}); got {x.dtype}")
+        raise TypeError(f"{name} must be {kind} tensor ({names}); got {x.dtype}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
@@ -85,8 +85,8 @@ def check_int(name: str, value) -> int:
 
 def check_token_inputs(logits, labels, temperature, ignore_index, validate) -> float:
     """Checks shared by token_logprobs and ppo_loss; returns temperature as a float."""
-    check_tensor("logits", logits, FLOAT_DTYPES, "floating-point")
-    check_tensor("labels", labels, INT_DTYPES, "integer")
+    check_tensor("logits", logits, FLOAT_DTYPES, "a floating-point")
+    check_tensor("labels", labels, INT_DTYPES, "an integer")
     if logits.dim() < 1:
         raise ValueError("logits must have shape (..., V) with a vocabulary dimension; got a scalar")
     if logits.shape[-1] == 0:

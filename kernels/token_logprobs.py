@@ -193,9 +193,12 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
 
 def _reference_rows(logits, labels, *, temperature, ignore_index, return_entropy):
-    out = reference.token_logprobs(logits, labels, temperature=temperature,
+    # As in the kernel, a label outside [0, V) (validate=False) gives NaN instead of an indexing error.
+    outside = (labels != ignore_index) & ((labels < 0) | (labels >= logits.shape[-1]))
+    out = reference.token_logprobs(logits, labels.masked_fill(outside, 0), temperature=temperature,
                                    ignore_index=ignore_index, return_entropy=return_entropy)
-    return tuple(o.float() for o in (out if return_entropy else (out,)))
+    out = out if return_entropy else (out,)
+    return (out[0].float().masked_fill(outside, float("nan")),) + tuple(o.float() for o in out[1:])
 
 
 def token_logprobs(

@@ -388,3 +388,11 @@ def test_bare_kernels_import_fails_loudly():
                           text=True)
     assert proc.returncode != 0
     assert "must be imported as `fastppo.kernels`" in proc.stderr
+
+
+def test_realistic_shape_bf16():
+    # An LLM-sized row count with a realistic vocabulary (Liger's 3 x 423 x 32000), rows not a multiple
+    # of any block, through the kernel's multi-block loop.
+    logits, labels = make_inputs((3, 423), 32000, torch.bfloat16, seed=3)
+    got, want = run_both(logits[:, :-1], labels[:, 1:], "triton", temperature=0.9)
+    assert_matches(got, want, torch.bfloat16, "triton")

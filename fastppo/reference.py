@@ -7,6 +7,8 @@ float64 inputs stay float64 so the references can serve as ground truth.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -38,3 +40,181 @@ def token_logprobs(
     # 0 * log 0 = 0 for banned (-inf) tokens; filling log p, not the product, keeps the gradient finite.
     entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
     return logprobs, torch.where(keep, entropy, 0.0)
+
+
+# ------------------------------------------------------------------------------- rollout: rewards
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1"):
+    """Per-token KL estimate from x = logprobs - ref_logprobs (samples drawn from the policy):
+    k1 = x,  k2 = x^2 / 2,  k3 = exp(-x) - 1 + x."""
+    x = logprobs.to(compute_dtype(logprobs)) - ref_logprobs.to(compute_dtype(logprobs))
+    if estimator == "k1":
+        return x
+    if estimator == "k2":
+        return 0.5 * x**2
+    if estimator == "k3":
+        return torch.exp(-x) - 1 + x
+    raise ValueError(f"estimator must be one of ('k1', 'k2', 'k3'); got {estimator!r}")
+
+
+def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last True (rows are the last dimension); -1 for a row with none."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask, positions, -1).amax(-1)
+
+
+def kl_rewards(logprobs, ref_logprobs, scores, mask, *, kl_coef: float, estimator: str = "k1"):
+    """r_t = -kl_coef * KL_t on response tokens, plus the sequence's score at its last response token."""
+    kl = kl_penalty(logprobs, ref_logprobs, estimator=estimator)
+    rewards = torch.where(mask, -kl_coef * kl, 0.0)
+    last = last_valid_index(mask)
+    at_last = torch.arange(mask.shape[-1], device=mask.device) == last.unsqueeze(-1)
+    return rewards + torch.where(at_last, scores.to(rewards.dtype).unsqueeze(-1), 0.0)
+
+
+# ----------------------------------------------------------------------------- rollout: advantages
+
+
+def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 1.0):
+    """Generalized advantage estimation over each row's valid positions, right to left:
+        delta_k = r_k + gamma * V_next - V_k,   A_k = delta_k + gamma * lam * A_next,   R_k = A_k + V_k
+    where "next" is the row's next *valid* position (V_next = A_next = 0 after the last one)."""
+    dtype = compute_dtype(rewards)
+    rewards, values = rewards.to(dtype), values.to(dtype)
+    next_value = torch.zeros(rewards.shape[:-1], dtype=dtype, device=rewards.device)
+    next_adv = torch.zeros_like(next_value)
+    advantages = []
+    for t in reversed(range(rewards.shape[-1])):
+        valid = mask[..., t]
+        delta = rewards[..., t] + gamma * next_value - values[..., t]
+        adv = delta + gamma * lam * next_adv
+        advantages.append(torch.where(valid, adv, 0.0))
+        next_value = torch.where(valid, values[..., t], next_value)  # holes are skipped, not zeros
+        next_adv = torch.where(valid, adv, next_adv)
+    advantages = torch.stack(advantages[::-1], dim=-1) if advantages else torch.zeros_like(rewards)
+    return advantages, torch.where(mask, advantages + values, 0.0)
+
+
+def reward_to_go(rewards, mask, *, gamma: float = 1.0):
+    """R_k = r_k + gamma * R_next over each row's valid positions (the seed's reverse cumulative sum)."""
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)
+    return returns
+
+
+def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):
+    """(x - mean) / sqrt(var + eps) over the valid entries (Bessel-corrected variance); the mean is
+    added back when shift_mean=False. Invalid entries give 0."""
+    x = x.to(compute_dtype(x))
+    n = mask.sum()
+    mean = torch.where(mask, x, 0.0).sum() / n
+    var = torch.where(mask, (x - mean) ** 2, 0.0).sum() / (n - 1)
+    white = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        white = white + mean
+    return torch.where(mask, white, 0.0)
+
+
+# ------------------------------------------------------------------------------------ the PPO loss
+
+REDUCTIONS = ("token-mean", "seq-mean-token-mean", "sum")
+
+
+@dataclass(frozen=True)
+class PPOLossOutput:
+    """`loss` is differentiable with respect to logits and values; the rest are detached float32.
+
+    policy_loss and value_loss use the loss's reduction (so that loss = policy_loss
+    + vf_coef * value_loss - entropy_coef * entropy term + kl_coef * KL term); entropy, approx_kl,
+    clipfrac and value_clipfrac are token-means over the valid tokens. value_loss and value_clipfrac
+    are None when no values were given.
+    """
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor | None
+    entropy: torch.Tensor
+    approx_kl: torch.Tensor
+    clipfrac: torch.Tensor
+    value_clipfrac: torch.Tensor | None
+
+
+def reduction_weights(mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """w such that the reduced loss is sum(w * per_token_loss); 0 on invalid tokens.
+
+    token-mean: 1 / (valid tokens);  seq-mean-token-mean: 1 / (row's valid tokens * rows with any);
+    sum: 1. A batch without valid tokens reduces to 0."""
+    mask = mask.to(torch.float64)
+    if reduction == "token-mean":
+        return mask / mask.sum().clamp(min=1)
+    if reduction == "seq-mean-token-mean":
+        per_row = mask.sum(-1, keepdim=True)
+        rows = (per_row > 0).sum().clamp(min=1)
+        return mask / (per_row.clamp(min=1) * rows)
+    if reduction == "sum":
+        return mask
+    raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+
+
+def ppo_loss_from_logprobs(
+    logprobs, entropy, old_logprobs, advantages, mask, *, values=None, old_values=None, returns=None,
+    clip_eps=0.2, clip_eps_high=None, dual_clip=None, value_clip=0.2, vf_coef=0.1, entropy_coef=0.0,
+    ref_logprobs=None, kl_coef=0.0, kl_estimator="k3", reduction="token-mean",
+) -> PPOLossOutput:
+    """The PPO actor + critic loss from per-token log-probs and entropies (see `ppo_loss`)."""
+    dtype = compute_dtype(logprobs)
+    f = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    lp, old_lp, adv = f(logprobs), f(old_logprobs), f(advantages)
+    weights = reduction_weights(mask, reduction).to(dtype)
+    token_mean = lambda t: torch.where(mask, t, 0.0).sum() / mask.sum().clamp(min=1)  # noqa: E731
+    reduce = lambda t: torch.where(mask, weights * t, 0.0).sum()  # noqa: E731
+
+    ratio = torch.exp(torch.clamp(lp - old_lp, -20.0, 20.0))
+    pg = -adv * ratio
+    clipped = torch.zeros_like(mask)
+    if clip_eps is not None:
+        high = clip_eps if clip_eps_high is None else clip_eps_high
+        pg_clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
+        clipped = pg_clipped > pg
+        pg = torch.maximum(pg, pg_clipped)
+    if dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    per_token = pg - entropy_coef * entropy.to(dtype)
+
+    vf = value_clipped = None
+    if values is not None:
+        v, ret = f(values), f(returns)
+        vf = (v - ret) ** 2
+        value_clipped = torch.zeros_like(mask)
+        if value_clip is not None:
+            old_v = f(old_values)
+            v_clip = old_v + torch.clamp(v - old_v, -value_clip, value_clip)
+            vf_clip = (v_clip - ret) ** 2
+            value_clipped = vf_clip > vf
+            vf = torch.maximum(vf, vf_clip)
+        vf = 0.5 * vf
+        per_token = per_token + vf_coef * vf
+    if kl_coef:
+        per_token = per_token + kl_coef * kl_penalty(lp, f(ref_logprobs), estimator=kl_estimator)
+
+    stat = lambda t: t.detach().float()  # noqa: E731
+    return PPOLossOutput(
+        loss=reduce(per_token).float(),
+        policy_loss=stat(reduce(pg)),
+        value_loss=None if vf is None else stat(reduce(vf)),
+        entropy=stat(token_mean(entropy.to(dtype))),
+        approx_kl=stat(token_mean(0.5 * (lp - old_lp) ** 2)),
+        clipfrac=stat(token_mean(clipped.to(dtype))),
+        value_clipfrac=None if value_clipped is None else stat(token_mean(value_clipped.to(dtype))),
+    )
+
+
+def ppo_loss(logits, labels, old_logprobs, advantages, mask, *, temperature=1.0, **options):
+    """Per valid token, with lp = log softmax(logits / T)[label] and ratio = exp(clamp(lp - old_lp, ±20)):
+        pg = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))   [capped at -A * c where A < 0]
+        vf = 0.5 * max((V - R)^2, (old_V + clip(V - old_V, ±v) - R)^2)
+        loss_t = pg + vf_coef * vf - entropy_coef * H + kl_coef * KL(lp, ref_lp)
+    reduced over valid tokens by `reduction`."""
+    labels = torch.where(mask, labels, -100)
+    lp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+    return ppo_loss_from_logprobs(lp, entropy, old_logprobs, advantages, mask, **options)

@@ -29,6 +29,58 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
+def row_logsumexp(base, n_read, temperature, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One pass over a row's first n_read logits -> (m, log s, entropy) in float32.
+
+    Online log-sum-exp over blocks. With d = (x - m) / T relative to the running max m:
+        s = sum exp(d),   t = sum exp(d) * d      (so entropy = log s - t / s)
+    When the max moves from m to m', both are re-based: a = exp((m - m') / T),
+        s' = a * s,   t' = a * (t + s * (m - m') / T).
+    The running max starts at -inf; a -inf logit (a banned token) contributes exp(-inf) = 0, and the
+    `where`s keep -inf - (-inf) and 0 * -inf from turning into NaN. Shared with ppo_loss.
+    """
+    cols = tl.arange(0, BLOCK_V)
+    m = float("-inf")
+    s = 0.0
+    t = 0.0
+    for start in range(0, n_read, BLOCK_V):
+        offs = start + cols
+        x = tl.load(base + offs, mask=offs < n_read, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        shift = tl.where(s > 0.0, (m - m_ref) / temperature, 0.0)
+        alpha = tl.exp(shift)
+        d = (x - m_ref) / temperature
+        e = tl.exp(d)
+        if ENTROPY:  # before s moves on: the re-base uses the old s
+            t = alpha * (t + s * shift) + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+    log_s = tl.log(s)
+    return m, log_s, log_s - t / s
+
+
+@triton.jit
+def row_softmax_grad(base, grad_base, label, active, V, m, log_s, h, g_lp, g_h, temperature,
+                     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Write d(g_lp * logprob + g_h * entropy) / d x for one row, recomputing p from (m, log s):
+        d logprob / d x_v = (1[v == label] - p_v) / T,    d entropy / d x_v = -p_v (log p_v + H) / T
+    Inactive rows read nothing and write zeros. Shared with ppo_loss."""
+    cols = tl.arange(0, BLOCK_V)
+    n_read = tl.where(active, V, 0)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        x = tl.load(base + offs, mask=offs < n_read, other=float("-inf")).to(tl.float32)
+        logp = (x - m) / temperature - log_s
+        p = tl.exp(logp)
+        g = tl.where(offs == label, g_lp, 0.0) - g_lp * p
+        if HAS_GRAD_ENTROPY:
+            g -= g_h * tl.where(p > 0.0, p * (logp + h), 0.0)
+        g = tl.where(active, g / temperature, 0.0)
+        tl.store(grad_base + offs, g.to(grad_base.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
     # pointers
     logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, max_ptr, logsum_ptr,
@@ -45,33 +97,9 @@ def _token_logprobs_fwd_kernel(
     base = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
-    n_read = tl.where(active, V, 0)  # ignored rows read nothing: their loads are fully masked
-    cols = tl.arange(0, BLOCK_V)
-
-    # Online log-sum-exp over blocks. With d = (x - m) / T relative to the running max m:
-    #   s = sum exp(d),   t = sum exp(d) * d      (so entropy = log s - t / s)
-    # When the max moves from m to m', both are re-based: a = exp((m - m') / T),
-    #   s' = a * s,   t' = a * (t + s * (m - m') / T).
-    # The running max starts at -inf; a -inf logit (a banned token) contributes exp(-inf) = 0, and
-    # the `where`s below keep -inf - (-inf) and 0 * -inf from turning into NaN.
-    m = float("-inf")
-    s = 0.0
-    t = 0.0
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        x = tl.load(base + offs, mask=offs < n_read, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        shift = tl.where(s > 0.0, (m - m_ref) / temperature, 0.0)
-        alpha = tl.exp(shift)
-        d = (x - m_ref) / temperature
-        e = tl.exp(d)
-        if RETURN_ENTROPY:  # before s moves on: the re-base uses the old s
-            t = alpha * (t + s * shift) + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
-        m = m_new
-
-    log_s = tl.log(s)
+    # Ignored rows read nothing: the loop runs over n_read = 0 logits.
+    m, log_s, entropy = row_logsumexp(base, tl.where(active, V, 0), temperature, RETURN_ENTROPY,
+                                      BLOCK_V)
     in_vocab = (label >= 0) & (label < V)
     x_label = tl.load(base + tl.where(in_vocab & active, label, 0)).to(tl.float32)
     # A label outside [0, V) (possible only with validate=False) gives NaN, never an out-of-bounds read.
@@ -80,7 +108,7 @@ def _token_logprobs_fwd_kernel(
     tl.store(max_ptr + row, tl.where(active, m, 0.0))
     tl.store(logsum_ptr + row, tl.where(active, log_s, 0.0))
     if RETURN_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(active, log_s - t / s, 0.0))
+        tl.store(entropy_ptr + row, tl.where(active, entropy, 0.0))
 
 
 @triton.jit
@@ -96,32 +124,17 @@ def _token_logprobs_bwd_kernel(
     temperature, ignore_index,
     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # With log p_v = (x_v - m) / T - log s recomputed from the saved (m, log s):
-    #   d logprob / d x_v = (1[v == y] - p_v) / T
-    #   d entropy / d x_v = -p_v (log p_v + H) / T
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
-    grad_base = grad_logits_ptr + row * V
     label = tl.load(labels_ptr + row).to(tl.int64)
-    active = label != ignore_index
-    n_read = tl.where(active, V, 0)
-    m = tl.load(max_ptr + row)
-    log_s = tl.load(logsum_ptr + row)
-    g_lp = tl.load(grad_logprobs_ptr + row)
+    h = 0.0
+    g_h = 0.0
     if HAS_GRAD_ENTROPY:
         g_h = tl.load(grad_entropy_ptr + row)
         h = tl.load(entropy_ptr + row)
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        x = tl.load(base + offs, mask=offs < n_read, other=float("-inf")).to(tl.float32)
-        logp = (x - m) / temperature - log_s
-        p = tl.exp(logp)
-        g = tl.where(offs == label, g_lp, 0.0) - g_lp * p
-        if HAS_GRAD_ENTROPY:
-            g -= g_h * tl.where(p > 0.0, p * (logp + h), 0.0)
-        g = tl.where(active, g / temperature, 0.0)
-        tl.store(grad_base + offs, g.to(grad_logits_ptr.dtype.element_ty), mask=offs < V)
+    row_softmax_grad(base, grad_logits_ptr + row * V, label, label != ignore_index, V,
+                     tl.load(max_ptr + row), tl.load(logsum_ptr + row), h,
+                     tl.load(grad_logprobs_ptr + row), g_h, temperature, HAS_GRAD_ENTROPY, BLOCK_V)
 
 
 def _launch_config(V: int) -> tuple[int, int]:

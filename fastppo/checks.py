@@ -105,3 +105,58 @@ def check_token_inputs(logits, labels, temperature, ignore_index, validate) -> f
             raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                              f"found {first} ({int(bad.sum())} such labels)")
     return temperature
+
+
+def check_per_token(shape: torch.Size, shape_from: str, **tensors) -> None:
+    """Floating tensors that must all have `shape` (named after the argument it came from)."""
+    for name, t in tensors.items():
+        check_tensor(name, t, FLOAT_DTYPES, "a floating-point")
+        if t.shape != shape:
+            raise ValueError(f"{name} must have the shape of {shape_from}, {tuple(shape)}; "
+                             f"got {tuple(t.shape)}")
+
+
+def check_mask(mask, shape: torch.Size, shape_from: str) -> None:
+    check_tensor("mask", mask, (torch.bool,), "a bool")
+    if mask.shape != shape:
+        raise ValueError(f"mask must have the shape of {shape_from}, {tuple(shape)}; "
+                         f"got {tuple(mask.shape)}")
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+
+
+def check_real(name: str, value, *, low: float | None = None, low_open: bool = False,
+               high: float | None = None, high_open: bool = False) -> float:
+    """A finite real number within [low, high] (open ends where asked)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    value = float(value)
+    ok = math.isfinite(value)
+    if low is not None:
+        ok = ok and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise ValueError(f"{name} must be a finite number {' and '.join(p for p in (lo, hi) if p)}; "
+                         f"got {value}")
+    return value
+
+
+def check_rows_have_valid(mask: torch.Tensor, what: str) -> None:
+    """Every row (all but the last dim) has a valid position (one device sync)."""
+    empty = ~mask.any(-1)
+    if bool(empty.any()):
+        row = tuple(empty.nonzero()[0].tolist())
+        raise ValueError(f"mask row {row[0] if len(row) == 1 else row} has no valid position; {what}")
+
+
+def check_time_dim(name: str, x) -> None:
+    """A per-token tensor of shape (..., T): rows in the leading dims, time in the last."""
+    check_tensor(name, x, FLOAT_DTYPES, "a floating-point")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have shape (..., T) with a time dimension; got a scalar")

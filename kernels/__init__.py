@@ -12,6 +12,12 @@ if __name__ != "fastppo.kernels":
         "install fastppo (`pip install -e .`) and `from fastppo.kernels import token_logprobs`"
     )
 
+from fastppo.kernels.gae import gae, reward_to_go
+from fastppo.kernels.kl import kl_penalty, kl_rewards
+from fastppo.kernels.ppo_loss import ppo_loss
 from fastppo.kernels.token_logprobs import token_logprobs
+from fastppo.kernels.whiten import masked_whiten
+from fastppo.reference import PPOLossOutput
 
-__all__ = ["token_logprobs"]
+__all__ = ["token_logprobs", "kl_penalty", "kl_rewards", "gae", "reward_to_go", "masked_whiten",
+           "ppo_loss", "PPOLossOutput"]

@@ -1,0 +1,355 @@
+"""The PPO actor + critic loss, fused, directly from logits.
+
+Per valid token, with lp = log softmax(x / T)[label], ratio = exp(clamp(lp - old_lp, -20, 20)):
+    pg   = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))        (capped at -A * c if A < 0)
+    vf   = 0.5 * max((V - R)^2, (old_V + clip(V - old_V, -v, v) - R)^2)
+    loss = pg + vf_coef * vf - entropy_coef * H + kl_coef * kl(lp - ref_lp)
+reduced as sum(w * loss) with per-token weights w from the reduction (fastppo.reference).
+
+One program per token. Forward: one pass over the token's logits (the shared online log-sum-exp, with
+the entropy), then every per-token term, policy and value, in the same program; it also stores the
+token's d loss / d lp and d loss / d V (scalars, times w). Backward: one more read of the logits and one
+write of the gradient (the shared softmax-gradient loop, with g_lp = g * dlp and g_H = -g * w * c_H),
+and the value gradient from the same launch.
+Byte floor: forward N*V*b, backward 2*N*V*b (b bytes per logit), plus ~40 bytes per token.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastppo import chunked, reference
+from fastppo.checks import (check_choice, check_mask, check_per_token, check_real, check_same_device,
+                            check_token_inputs, resolve_backend)
+from fastppo.kernels._triton import tl, triton
+from fastppo.kernels.kl import ESTIMATORS, kl_term, kl_term_grad
+from fastppo.kernels.token_logprobs import (_launch_config, _reference_rows, row_logsumexp,
+                                            row_softmax_grad)
+from fastppo.layout import as_outer_inner
+from fastppo.reference import REDUCTIONS, PPOLossOutput, reduction_weights
+
+# Rows of the per-token buffer the forward kernel fills.
+LP, ENTROPY, PG, VF, CLIPPED, VCLIPPED, LOSS, DLP, DV, MAX, LOGSUM = range(11)
+
+
+@triton.jit
+def _ppo_loss_fwd_kernel(
+    # pointers
+    logits_ptr, labels_ptr, mask_ptr, weight_ptr, old_lp_ptr, adv_ptr, values_ptr, old_values_ptr,
+    returns_ptr, ref_lp_ptr, out_ptr,
+    # shapes
+    n_inner, V, N,
+    # strides (of the logits' two row dimensions)
+    stride_outer, stride_inner,
+    # meta
+    temperature, clip_low, clip_high, dual_clip, value_clip, vf_coef, entropy_coef, kl_coef,
+    HAS_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, HAS_VALUES: tl.constexpr,
+    HAS_VALUE_CLIP: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+    active = tl.load(mask_ptr + row) != 0
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    m, log_s, entropy = row_logsumexp(base, tl.where(active, V, 0), temperature, True, BLOCK_V)
+    in_vocab = (label >= 0) & (label < V)
+    x_label = tl.load(base + tl.where(active & in_vocab, label, 0)).to(tl.float32)
+    lp = tl.where(in_vocab, (x_label - m) / temperature - log_s, float("nan"))
+    w = tl.load(weight_ptr + row)
+
+    # Policy term. d pg / d lp = d pg / d ratio * ratio, where the clamps pass gradient inside their
+    # closed range (as torch.clamp does) and the branch not taken by max / min passes none.
+    old_lp = tl.load(old_lp_ptr + row).to(tl.float32)
+    adv = tl.load(adv_ptr + row).to(tl.float32)
+    log_ratio = lp - old_lp
+    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
+    ratio_grad = tl.where((log_ratio >= -20.0) & (log_ratio <= 20.0), ratio, 0.0)
+    pg = -adv * ratio
+    dpg = -adv * ratio_grad
+    clip_frac = 0.0
+    if HAS_CLIP:
+        pg_clip = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+        clipped = pg_clip > pg  # only possible outside [clip_low, clip_high]: zero gradient there
+        pg = tl.where(clipped, pg_clip, pg)
+        dpg = tl.where(clipped, 0.0, dpg)
+        clip_frac = tl.where(clipped, 1.0, 0.0)
+    if HAS_DUAL_CLIP:
+        capped = (adv < 0.0) & (-adv * dual_clip < pg)
+        pg = tl.where(capped, -adv * dual_clip, pg)
+        dpg = tl.where(capped, 0.0, dpg)
+    loss = pg - entropy_coef * entropy
+    dlp = dpg
+    if KL_ESTIMATOR > 0:
+        x = lp - tl.load(ref_lp_ptr + row).to(tl.float32)
+        loss += kl_coef * kl_term(x, KL_ESTIMATOR)
+        dlp += kl_coef * kl_term_grad(x, KL_ESTIMATOR)
+
+    # Value term, in the same program.
+    vf = 0.0
+    dv = 0.0
+    vclip_frac = 0.0
+    if HAS_VALUES:
+        v = tl.load(values_ptr + row).to(tl.float32)
+        ret = tl.load(returns_ptr + row).to(tl.float32)
+        vf = (v - ret) * (v - ret)
+        dv = v - ret
+        if HAS_VALUE_CLIP:
+            old_v = tl.load(old_values_ptr + row).to(tl.float32)
+            v_clip = old_v + tl.minimum(tl.maximum(v - old_v, -value_clip), value_clip)
+            vf_clip = (v_clip - ret) * (v_clip - ret)
+            vclipped = vf_clip > vf  # only possible when V - old_V is clamped: zero gradient there
+            vf = tl.where(vclipped, vf_clip, vf)
+            dv = tl.where(vclipped, 0.0, dv)
+            vclip_frac = tl.where(vclipped, 1.0, 0.0)
+        vf = 0.5 * vf
+        loss += vf_coef * vf
+        dv = vf_coef * dv
+
+    # Invalid tokens: all zeros (their weight is 0 as well).
+    stats = out_ptr + row
+    tl.store(stats + LP * N, tl.where(active, lp, 0.0))
+    tl.store(stats + ENTROPY * N, tl.where(active, entropy, 0.0))
+    tl.store(stats + PG * N, tl.where(active, pg, 0.0))
+    tl.store(stats + VF * N, tl.where(active, vf, 0.0))
+    tl.store(stats + CLIPPED * N, tl.where(active, clip_frac, 0.0))
+    tl.store(stats + VCLIPPED * N, tl.where(active, vclip_frac, 0.0))
+    tl.store(stats + LOSS * N, tl.where(active, loss, 0.0))
+    tl.store(stats + DLP * N, tl.where(active, w * dlp, 0.0))
+    tl.store(stats + DV * N, tl.where(active, w * dv, 0.0))
+    tl.store(stats + MAX * N, tl.where(active, m, 0.0))
+    tl.store(stats + LOGSUM * N, tl.where(active, log_s, 0.0))
+
+
+@triton.jit
+def _ppo_loss_bwd_kernel(
+    # pointers
+    logits_ptr, labels_ptr, mask_ptr, weight_ptr, stats_ptr, grad_out_ptr, grad_logits_ptr,
+    grad_values_ptr,
+    # shapes
+    n_inner, V, N,
+    # strides (logits; and the gradient's, which equal the logits' when written in place)
+    stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
+    # meta
+    temperature, entropy_coef,
+    HAS_ENTROPY: tl.constexpr, HAS_VALUES: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    outer, inner = row // n_inner, row % n_inner
+    active = tl.load(mask_ptr + row) != 0
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    g = tl.load(grad_out_ptr).to(tl.float32)  # the upstream gradient of the scalar loss
+    stats = stats_ptr + row
+    g_h = 0.0
+    if HAS_ENTROPY:
+        g_h = -g * entropy_coef * tl.load(weight_ptr + row)
+    row_softmax_grad(logits_ptr + outer * stride_outer + inner * stride_inner,
+                     grad_logits_ptr + outer * grad_stride_outer + inner * grad_stride_inner,
+                     label, active, V, tl.load(stats + MAX * N), tl.load(stats + LOGSUM * N),
+                     tl.load(stats + ENTROPY * N), g * tl.load(stats + DLP * N), g_h, temperature,
+                     HAS_ENTROPY, BLOCK_V)
+    if HAS_VALUES:
+        dv = g * tl.load(stats + DV * N)
+        tl.store(grad_values_ptr + row, dv.to(grad_values_ptr.dtype.element_ty))
+
+
+def _flat(t):
+    return None if t is None else t.reshape(-1).contiguous()
+
+
+class PPOLossFunction(torch.autograd.Function):
+    """Triton forward and backward. Returns (loss, per-token stats (11, N) float32)."""
+
+    @staticmethod
+    def forward(ctx, logits, values, labels, mask, weights, old_lp, adv, old_values, returns, ref_lp,
+                opts):
+        x3 = as_outer_inner(logits)
+        if x3 is None:  # rows need more than two strides: one copy
+            x3 = logits.reshape(1, -1, logits.shape[-1])
+        n, V = labels.numel(), logits.shape[-1]
+        stats = torch.zeros((11, n), dtype=torch.float32, device=logits.device)
+        labels, mask, weights = _flat(labels), _flat(mask).view(torch.uint8), _flat(weights)
+        if n:
+            block, warps = _launch_config(V)
+            dummy = stats  # pointer for the optional inputs a constexpr flag switches off
+            f = lambda t: dummy if t is None else _flat(t)  # noqa: E731
+            _ppo_loss_fwd_kernel[(n,)](
+                x3, labels, mask, weights, f(old_lp), f(adv), f(values), f(old_values), f(returns),
+                f(ref_lp), stats,
+                x3.shape[1], V, n, x3.stride(0), x3.stride(1),
+                opts["temperature"], opts["clip_low"], opts["clip_high"], opts["dual_clip"] or 0.0,
+                opts["value_clip"] or 0.0, opts["vf_coef"], opts["entropy_coef"], opts["kl_coef"],
+                HAS_CLIP=opts["clip_eps"] is not None, HAS_DUAL_CLIP=opts["dual_clip"] is not None,
+                HAS_VALUES=values is not None,
+                HAS_VALUE_CLIP=values is not None and opts["value_clip"] is not None,
+                KL_ESTIMATOR=ESTIMATORS.index(opts["kl_estimator"]) + 1 if opts["kl_coef"] else 0,
+                BLOCK_V=block, num_warps=warps,
+            )
+        loss = (weights.double() * stats[LOSS].double()).sum().float()
+        ctx.save_for_backward(x3, labels, mask, weights, stats)
+        ctx.opts, ctx.shape, ctx.logits = opts, logits.shape, logits
+        ctx.values_meta = None if values is None else (values.shape, values.dtype)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        x3, labels, mask, weights, stats = ctx.saved_tensors
+        opts, n, V = ctx.opts, labels.numel(), x3.shape[-1]
+        if opts["inplace_backward"]:
+            # The gradient goes where the logits are (each program reads its row, then overwrites
+            # it). Bumping the version counter makes autograd refuse, loudly, any other node that
+            # saved these logits for its own backward, instead of letting it read gradients.
+            g3 = x3
+            grad = ctx.logits if x3.data_ptr() == ctx.logits.data_ptr() else x3.view(ctx.shape)
+            torch.autograd.graph.increment_version(grad)
+        else:
+            grad = torch.empty(ctx.shape, dtype=x3.dtype, device=x3.device)
+            g3 = grad.view(x3.shape)
+        grad_values = None
+        if ctx.values_meta is not None:
+            grad_values = torch.empty(ctx.values_meta[0], dtype=ctx.values_meta[1], device=x3.device)
+        if n:
+            block, warps = _launch_config(V)
+            _ppo_loss_bwd_kernel[(n,)](
+                x3, labels, mask, weights, stats, grad_loss.reshape(1).float(), g3,
+                stats if grad_values is None else grad_values,
+                x3.shape[1], V, n, x3.stride(0), x3.stride(1), g3.stride(0), g3.stride(1),
+                opts["temperature"], opts["entropy_coef"],
+                HAS_ENTROPY=opts["entropy_coef"] != 0.0, HAS_VALUES=grad_values is not None,
+                BLOCK_V=block, num_warps=warps,
+            )
+        return (grad, grad_values) + (None,) * 9
+
+
+def _check_options(clip_eps, clip_eps_high, dual_clip, value_clip, vf_coef, entropy_coef, kl_coef,
+                   kl_estimator, reduction, inplace_backward):
+    if clip_eps is not None:
+        clip_eps = check_real("clip_eps", clip_eps, low=0.0, low_open=True, high=1.0, high_open=True)
+    if clip_eps_high is not None:
+        if clip_eps is None:
+            raise ValueError("clip_eps_high needs clip_eps (clip_eps=None turns clipping off)")
+        clip_eps_high = check_real("clip_eps_high", clip_eps_high, low=0.0, low_open=True)
+    if dual_clip is not None:
+        dual_clip = check_real("dual_clip", dual_clip, low=1.0, low_open=True)
+    if value_clip is not None:
+        value_clip = check_real("value_clip", value_clip, low=0.0, low_open=True)
+    check_choice("kl_estimator", kl_estimator, ESTIMATORS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool; got {type(inplace_backward).__name__}")
+    return dict(
+        clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, value_clip=value_clip,
+        vf_coef=check_real("vf_coef", vf_coef, low=0.0),
+        entropy_coef=check_real("entropy_coef", entropy_coef),
+        kl_coef=check_real("kl_coef", kl_coef, low=0.0), kl_estimator=kl_estimator,
+        reduction=reduction, inplace_backward=inplace_backward)
+
+
+def ppo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    values: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    clip_eps: float | None = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    value_clip: float | None = 0.2,
+    vf_coef: float = 0.1,
+    entropy_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    temperature: float = 1.0,
+    reduction: str = "token-mean",
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> PPOLossOutput:
+    """The PPO actor (+ critic) loss straight from logits, in one fused pass each way.
+
+    Per valid token, with lp = log_softmax(logits / temperature)[label] and
+    ratio = exp(clamp(lp - old_lp, -20, 20)):
+        pg = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)))
+             clip_eps=None: pg = -A * ratio;  dual_clip=c (> 1): pg capped at -A * c where A < 0
+        vf = 0.5 * (V - R)^2, or with value_clip=v: 0.5 * max((V - R)^2, (Vc - R)^2),
+             Vc = old_V + clip(V - old_V, -v, v)
+        loss_t = pg + vf_coef * vf - entropy_coef * H + kl_coef * kl_penalty(lp, ref_lp, kl_estimator)
+    reduction: "token-mean" (over valid tokens), "seq-mean-token-mean" (mean over rows that have a
+    valid token of each row's token mean) or "sum" (for callers normalising across micro-batches).
+
+    Args:
+        logits: (..., V) float32/bfloat16/float16, strided like `token_logprobs` accepts.
+        labels: (...) integer, in [0, V) wherever mask is True (checked: one device sync).
+        old_logprobs, advantages: (...) floating, from the rollout (no gradient flows into them).
+        mask: (...) bool, the tokens that count.
+        values: (...) floating, the critic's predictions (differentiable); needs `returns`, and
+            `old_values` when value_clip is set.
+        ref_logprobs: needed when kl_coef > 0.
+        inplace_backward: write the logits' gradient into the logits' own storage instead of a new
+            buffer (saves an (N, V) allocation). After backward the logits tensor holds its
+            gradient. Refused for a leaf tensor; any other autograd node that saved these logits
+            raises autograd's usual "modified by an inplace operation" error rather than reading
+            gradients.
+
+    Returns: PPOLossOutput (fastppo.reference) with the differentiable `loss` and detached stats.
+    """
+    check_token_inputs(logits, labels, temperature, -100, validate=False)
+    temperature = float(temperature)
+    shape = labels.shape
+    check_mask(mask, shape, "labels")
+    check_per_token(shape, "labels", old_logprobs=old_logprobs, advantages=advantages)
+    optional = dict(values=values, old_values=old_values, returns=returns, ref_logprobs=ref_logprobs)
+    check_per_token(shape, "labels", **{k: t for k, t in optional.items() if t is not None})
+    check_same_device(logits=logits, labels=labels, mask=mask, old_logprobs=old_logprobs,
+                      advantages=advantages, **{k: t for k, t in optional.items() if t is not None})
+    opts = _check_options(clip_eps, clip_eps_high, dual_clip, value_clip, vf_coef, entropy_coef,
+                          kl_coef, kl_estimator, reduction, inplace_backward)
+    if values is None and (returns is not None or old_values is not None):
+        raise ValueError("returns/old_values were given without values: pass the critic's values")
+    if values is not None and returns is None:
+        raise ValueError("values needs returns (the value targets)")
+    if values is not None and value_clip is not None and old_values is None:
+        raise ValueError("value_clip needs old_values; pass value_clip=None for an unclipped value loss")
+    if kl_coef and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs")
+    if inplace_backward and logits.requires_grad and logits.is_leaf:
+        raise ValueError("inplace_backward=True would overwrite a leaf tensor's data with its own "
+                         "gradient; pass logits produced by a model, or inplace_backward=False")
+    labels = torch.where(mask, labels, -100)
+    check_token_inputs(logits, labels, temperature, -100, validate=True)
+    backend = resolve_backend(backend, logits.device)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    terms = dict(values=values, old_values=old_values, returns=returns, clip_eps=opts["clip_eps"],
+                 clip_eps_high=opts["clip_eps_high"], dual_clip=opts["dual_clip"],
+                 value_clip=opts["value_clip"], vf_coef=opts["vf_coef"],
+                 entropy_coef=opts["entropy_coef"], ref_logprobs=ref_logprobs,
+                 kl_coef=opts["kl_coef"], kl_estimator=kl_estimator, reduction=reduction)
+    if backend == "torch":
+        fn = lambda x, y: _reference_rows(x, y, temperature=temperature, ignore_index=-100,  # noqa: E731
+                                          return_entropy=True)
+        lp, entropy = chunked.rowwise(fn, logits, labels)
+        return reference.ppo_loss_from_logprobs(lp, entropy, old_logprobs, advantages, mask, **terms)
+
+    weights = reduction_weights(mask, reduction).float()
+    high = opts["clip_eps"] if opts["clip_eps_high"] is None else opts["clip_eps_high"]
+    opts.update(temperature=temperature, clip_low=1.0 - (opts["clip_eps"] or 0.0),
+                clip_high=1.0 + (high or 0.0))
+    loss, stats = PPOLossFunction.apply(logits, values, labels, mask, weights, old_logprobs,
+                                        advantages, old_values, returns, ref_logprobs, opts)
+    maskf = mask.reshape(-1).float()
+    count = maskf.sum().clamp(min=1)
+    token_mean = lambda t: (t * maskf).sum() / count  # noqa: E731
+    weighted = lambda t: (weights.reshape(-1) * t).sum()  # noqa: E731
+    old = old_logprobs.reshape(-1).float()
+    return PPOLossOutput(
+        loss=loss,
+        policy_loss=weighted(stats[PG]),
+        value_loss=None if values is None else weighted(stats[VF]),
+        entropy=token_mean(stats[ENTROPY]),
+        approx_kl=token_mean(0.5 * torch.where(mask.reshape(-1), stats[LP] - old, 0.0) ** 2),
+        clipfrac=token_mean(stats[CLIPPED]),
+        value_clipfrac=None if values is None else token_mean(stats[VCLIPPED]),
+    )

@@ -188,7 +188,8 @@ def ppo_loss_from_logprobs(
         value_clipped = torch.zeros_like(mask)
         if value_clip is not None:
             old_v = f(old_values)
-            v_clip = old_v + torch.clamp(v - old_v, -value_clip, value_clip)
+            # = old_v + clip(v - old_v, ±value_clip), but exactly v inside the range (no rounding)
+            v_clip = torch.clamp(v, old_v - value_clip, old_v + value_clip)
             vf_clip = (v_clip - ret) ** 2
             value_clipped = vf_clip > vf
             vf = torch.maximum(vf, vf_clip)

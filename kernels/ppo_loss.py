@@ -93,7 +93,9 @@ def _ppo_loss_fwd_kernel(
         dv = v - ret
         if HAS_VALUE_CLIP:
             old_v = tl.load(old_values_ptr + row).to(tl.float32)
-            v_clip = old_v + tl.minimum(tl.maximum(v - old_v, -value_clip), value_clip)
+            # old_V + clip(V - old_V, -c, c), written as a clamp of V so that it is V exactly inside
+            # the range: the float32 sum would round and mark in-range tokens as clipped.
+            v_clip = tl.minimum(tl.maximum(v, old_v - value_clip), old_v + value_clip)
             vf_clip = (v_clip - ret) * (v_clip - ret)
             vclipped = vf_clip > vf  # only possible when V - old_V is clamped: zero gradient there
             vf = tl.where(vclipped, vf_clip, vf)

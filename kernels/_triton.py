@@ -11,6 +11,6 @@ except ImportError:  # pragma: no cover - Linux CI always has triton
     HAS_TRITON = False
     triton = SimpleNamespace(jit=lambda fn=None, **_: fn if fn is not None else (lambda f: f),
                              next_power_of_2=lambda n: 1 << (max(n, 1) - 1).bit_length())
-    tl = SimpleNamespace(constexpr=None)
+    tl = SimpleNamespace(constexpr=lambda value=None: value)
 
 __all__ = ["HAS_TRITON", "triton", "tl"]

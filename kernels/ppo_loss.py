@@ -27,8 +27,9 @@ from fastppo.kernels.token_logprobs import (_launch_config, _reference_rows, row
 from fastppo.layout import as_outer_inner
 from fastppo.reference import REDUCTIONS, PPOLossOutput, reduction_weights
 
-# Rows of the per-token buffer the forward kernel fills.
-LP, ENTROPY, PG, VF, CLIPPED, VCLIPPED, LOSS, DLP, DV, MAX, LOGSUM = range(11)
+# Rows of the per-token buffer the forward kernel fills (constexpr: kernels may only read globals that
+# are; Python code indexes with int(...)).
+LP, ENTROPY, PG, VF, CLIPPED, VCLIPPED, LOSS, DLP, DV, MAX, LOGSUM = (tl.constexpr(i) for i in range(11))
 
 
 @triton.jit
@@ -184,7 +185,7 @@ class PPOLossFunction(torch.autograd.Function):
                 KL_ESTIMATOR=ESTIMATORS.index(opts["kl_estimator"]) + 1 if opts["kl_coef"] else 0,
                 BLOCK_V=block, num_warps=warps,
             )
-        loss = (weights.double() * stats[LOSS].double()).sum().float()
+        loss = (weights.double() * stats[int(LOSS)].double()).sum().float()
         ctx.save_for_backward(x3, labels, mask, weights, stats)
         ctx.opts, ctx.shape, ctx.logits = opts, logits.shape, logits
         ctx.values_meta = None if values is None else (values.shape, values.dtype)
@@ -348,10 +349,10 @@ def ppo_loss(
     old = old_logprobs.reshape(-1).float()
     return PPOLossOutput(
         loss=loss,
-        policy_loss=weighted(stats[PG]),
-        value_loss=None if values is None else weighted(stats[VF]),
-        entropy=token_mean(stats[ENTROPY]),
-        approx_kl=token_mean(0.5 * torch.where(mask.reshape(-1), stats[LP] - old, 0.0) ** 2),
-        clipfrac=token_mean(stats[CLIPPED]),
-        value_clipfrac=None if values is None else token_mean(stats[VCLIPPED]),
+        policy_loss=weighted(stats[int(PG)]),
+        value_loss=None if values is None else weighted(stats[int(VF)]),
+        entropy=token_mean(stats[int(ENTROPY)]),
+        approx_kl=token_mean(0.5 * torch.where(mask.reshape(-1), stats[int(LP)] - old, 0.0) ** 2),
+        clipfrac=token_mean(stats[int(CLIPPED)]),
+        value_clipfrac=None if values is None else token_mean(stats[int(VCLIPPED)]),
     )

@@ -40,14 +40,24 @@ def grad_tol(dtype, backend):
     return GRAD_TOL[dtype]
 
 
-def assert_values(got, want):
+def scan_atol(want, T):
+    """The rounding of a float32 running sum over T steps: errors of half an ulp of the largest
+    partial sum random-walk to ~sqrt(T) of them. With gamma * lam = 1 and T = 4096 the advantages are
+    sums of thousands of rewards (~1e2) that may cancel to ~1e-2, where 1e-5 absolute cannot hold."""
+    return 2 ** -23 * math.sqrt(T) * float(want.abs().max()) if want.numel() else 0.0
+
+
+def assert_values(got, want, T=1):
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, **VALUE_TOL)
+    tol = dict(VALUE_TOL, atol=max(VALUE_TOL["atol"], scan_atol(want, T)))
+    torch.testing.assert_close(got.double(), want, **tol)
 
 
-def assert_grads(got, want, dtype, backend):
+def assert_grads(got, want, dtype, backend, T=1):
     assert got.dtype == dtype
-    torch.testing.assert_close(got.double(), want, **grad_tol(dtype, backend))
+    tol = grad_tol(dtype, backend)
+    tol = dict(tol, atol=max(tol["atol"], scan_atol(want, T)))
+    torch.testing.assert_close(got.double(), want, **tol)
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -112,10 +122,11 @@ def run_gae(rewards, values, mask, backend, *, gamma, lam, seed=0):
 def check_gae(got, want, rdtype, vdtype, backend):
     adv, ret, gr, gv = got
     adv64, ret64, gr64, gv64 = want
-    assert_values(adv, adv64)
-    assert_values(ret, ret64)
-    assert_grads(gr, gr64, rdtype, backend)
-    assert_grads(gv, gv64, vdtype, backend)
+    T = adv.shape[-1]
+    assert_values(adv, adv64, T)
+    assert_values(ret, ret64, T)
+    assert_grads(gr, gr64, rdtype, backend, T)
+    assert_grads(gv, gv64, vdtype, backend, T)
 
 
 def run_rtg(rewards, mask, backend, *, gamma, seed=0):
@@ -267,8 +278,8 @@ def test_reward_to_go_grid(backend, dtype, T, gamma):
     mask = make_mask(T, kinds, g).to(DEVICE)
     rewards = randn(mask.shape, g, dtype)
     (out, grad), (out64, grad64) = run_rtg(rewards, mask, backend, gamma=gamma, seed=T)
-    assert_values(out, out64)
-    assert_grads(grad, grad64, dtype, backend)
+    assert_values(out, out64, T)
+    assert_grads(grad, grad64, dtype, backend, T)
     assert (out[~mask] == 0).all() and (grad[~mask] == 0).all()
 
 
@@ -629,6 +640,12 @@ def _m(shape=(2, 5)):
     return torch.ones(shape, dtype=torch.bool)
 
 
+def _one_valid():
+    m = torch.zeros(2, 5, dtype=torch.bool)
+    m[1, 3] = True
+    return m
+
+
 BAD = [
     # gae
     (lambda: gae(_x(), _x((2, 4)), _m()), ValueError, r"values must have the shape of rewards, \(2, 5\)"),
@@ -702,11 +719,10 @@ BAD = [
     (lambda: masked_whiten(_x(), _m(), eps=INF), ValueError, "eps must be"),
     (lambda: masked_whiten(_x(), _m(), shift_mean=1), TypeError, "shift_mean must be a bool"),
     (lambda: masked_whiten(_x(), _m(), backend="auto2"), ValueError, "backend must be one of"),
-    (lambda: masked_whiten(_x(), torch.eye(2, 5, dtype=torch.bool)[:1].expand(2, 5) & _m().tril(-5)),
-     ValueError, "mask must mark at least 2 valid entries to estimate a variance; got 0"),
-    (lambda: masked_whiten(_x(), torch.zeros(2, 5, dtype=torch.bool).index_fill(1, torch.tensor([3]), True)
-                           .index_fill(0, torch.tensor([1]), False)),
-     ValueError, "mask must mark at least 2 valid entries to estimate a variance; got 1"),
+    (lambda: masked_whiten(_x(), _m() & False), ValueError,
+     "mask must mark at least 2 valid entries to estimate a variance; got 0"),
+    (lambda: masked_whiten(_x(), _one_valid()), ValueError,
+     "mask must mark at least 2 valid entries to estimate a variance; got 1"),
 ]
 
 
@@ -723,7 +739,6 @@ def test_bad_input_rejected_on_every_backend(backend):
         kl_rewards(_x(), _x(), _x((2,)), _m().index_fill(0, torch.tensor([1]), False), kl_coef=0.1,
                    backend=backend)
     with pytest.raises(ValueError, match="got 1"):
-        masked_whiten(_x(), torch.eye(2, 5, dtype=torch.bool)[:1].expand(2, 5).clone()
-                      .index_fill(0, torch.tensor([1]), False), backend=backend)
+        masked_whiten(_x(), _one_valid(), backend=backend)
     with pytest.raises(ValueError, match="lam must be"):
         gae(_x(), _x(), _m(), lam=1.1, backend=backend)

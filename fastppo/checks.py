@@ -11,7 +11,8 @@ from numbers import Real
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "native", "torch")
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32)
 
@@ -29,8 +30,10 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" (or FASTPPO_BACKEND when set) -> "triton" on CUDA tensors, the chunked reference on CPU."""
+def resolve_backend(backend: str, device: torch.device, native_dtype: torch.dtype | None = None) -> str:
+    """"auto" (or FASTPPO_BACKEND when set) -> "triton" on CUDA tensors; on CPU "native" where the op
+    has C++ kernels (native_dtype is its logits' dtype, None for ops without) and they build, else
+    "torch", the chunked reference. Ops without native kernels run "native" as "torch"."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(backend).__name__}")
     if backend == "auto":
@@ -40,7 +43,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        if device.type == "cuda" and _triton_available():
+            return "triton"
+        if device.type == "cpu" and native_dtype in NATIVE_DTYPES:
+            from fastppo import native
+            return "native" if native.available() else "torch"
+        return "torch"
     if backend == "triton":
         if not _triton_available():
             raise ValueError("backend='triton' needs the triton package, which is not installed")
@@ -49,6 +57,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"backend='triton' needs CUDA tensors (got {device.type}); on CPU use backend='torch', "
                 "or set TRITON_INTERPRET=1 before importing triton to run the kernels interpreted"
             )
+    if backend == "native":
+        if native_dtype is None:
+            return "torch"
+        if device.type != "cpu":
+            raise ValueError(f"backend='native' runs on CPU tensors; got {device.type}")
+        if native_dtype not in NATIVE_DTYPES:
+            raise ValueError(f"backend='native' takes float32, bfloat16 or float16 logits; "
+                             f"got {native_dtype}")
+        from fastppo import native
+        native.module()  # raises with the build error
     return backend
 
 

@@ -22,8 +22,8 @@ from fastppo.checks import (check_choice, check_mask, check_per_token, check_rea
                             check_token_inputs, resolve_backend)
 from fastppo.kernels._triton import tl, triton
 from fastppo.kernels.kl import ESTIMATORS, kl_term, kl_term_grad
-from fastppo.kernels.token_logprobs import (_launch_config, _reference_rows, row_logsumexp,
-                                            row_softmax_grad)
+from fastppo.kernels.token_logprobs import (NativeTokenLogprobsFunction, _launch_config,
+                                            _reference_rows, row_logsumexp, row_softmax_grad)
 from fastppo.layout import as_outer_inner
 from fastppo.reference import REDUCTIONS, PPOLossOutput, reduction_weights
 
@@ -294,7 +294,7 @@ def ppo_loss(
             buffer (saves an (N, V) allocation). After backward the logits tensor holds its
             gradient. Refused for a leaf tensor; any other autograd node that saved these logits
             raises autograd's usual "modified by an inplace operation" error rather than reading
-            gradients.
+            gradients. Honoured by the "triton" and "native" backends; "torch" allocates.
 
     Returns: PPOLossOutput (fastppo.reference) with the differentiable `loss` and detached stats.
     """
@@ -322,7 +322,7 @@ def ppo_loss(
                          "gradient; pass logits produced by a model, or inplace_backward=False")
     labels = torch.where(mask, labels, -100)
     check_token_inputs(logits, labels, temperature, -100, validate=True)
-    backend = resolve_backend(backend, logits.device)
+    backend = resolve_backend(backend, logits.device, native_dtype=logits.dtype)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     terms = dict(values=values, old_values=old_values, returns=returns, clip_eps=opts["clip_eps"],
@@ -330,10 +330,17 @@ def ppo_loss(
                  value_clip=opts["value_clip"], vf_coef=opts["vf_coef"],
                  entropy_coef=opts["entropy_coef"], ref_logprobs=ref_logprobs,
                  kl_coef=opts["kl_coef"], kl_estimator=kl_estimator, reduction=reduction)
-    if backend == "torch":
-        fn = lambda x, y: _reference_rows(x, y, temperature=temperature, ignore_index=-100,  # noqa: E731
-                                          return_entropy=True)
-        lp, entropy = chunked.rowwise(fn, logits, labels)
+    if backend in ("torch", "native"):
+        # The log-probs and entropies come from the chunked reference or the C++ kernels (which own
+        # every pass over the logits); the per-token terms, O(N), are the reference's, under autograd.
+        if backend == "native":
+            lp, entropy = NativeTokenLogprobsFunction.apply(logits, labels, temperature, -100, True,
+                                                            inplace_backward)
+            lp, entropy = lp.view(labels.shape), entropy.view(labels.shape)
+        else:
+            fn = lambda x, y: _reference_rows(x, y, temperature=temperature,  # noqa: E731
+                                              ignore_index=-100, return_entropy=True)
+            lp, entropy = chunked.rowwise(fn, logits, labels)
         return reference.ppo_loss_from_logprobs(lp, entropy, old_logprobs, advantages, mask, **terms)
 
     weights = reduction_weights(mask, reduction).float()

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from fastppo import chunked, reference
+from fastppo import chunked, native, reference
 from fastppo.checks import check_token_inputs, resolve_backend
 from fastppo.layout import as_outer_inner
 from fastppo.kernels._triton import triton, tl
@@ -205,6 +205,42 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return grad.view(ctx.shape), None, None, None, None
 
 
+class NativeTokenLogprobsFunction(torch.autograd.Function):
+    """The C++ kernels of csrc/token_logprobs.cpp (CPU); same contract as TokenLogprobsFunction.
+    With inplace=True the gradient is written into the logits' storage (used by ppo_loss)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, inplace=False):
+        x3 = as_outer_inner(logits)
+        if x3 is None:  # rows need more than two strides: one copy
+            x3 = logits.reshape(1, -1, logits.shape[-1])
+        labels = labels.reshape(-1).long().contiguous()
+        logprobs, entropy, row_max, log_sum = native.module().forward(
+            x3, labels, temperature, ignore_index, return_entropy)
+        ctx.save_for_backward(x3, labels, row_max, log_sum, entropy)
+        ctx.temperature, ctx.ignore_index, ctx.shape = temperature, ignore_index, logits.shape
+        ctx.inplace, ctx.logits = inplace, logits if inplace else None
+        ctx.set_materialize_grads(False)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        x3, labels, row_max, log_sum, entropy = ctx.saved_tensors
+        flat = lambda g: g.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
+        g_lp = torch.zeros_like(row_max) if grad_logprobs is None else flat(grad_logprobs)
+        g_h = row_max if grad_entropy is None else flat(grad_entropy)
+        if ctx.inplace:  # see ppo_loss(inplace_backward=True)
+            grad3 = x3
+            grad = ctx.logits if x3.data_ptr() == ctx.logits.data_ptr() else x3.view(ctx.shape)
+            torch.autograd.graph.increment_version(grad)
+        else:
+            grad3 = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
+            grad = grad3.view(ctx.shape)
+        native.module().backward(x3, labels, row_max, log_sum, entropy, g_lp, g_h, grad3,
+                                 ctx.temperature, ctx.ignore_index, grad_entropy is not None)
+        return grad, None, None, None, None, None
+
+
 def _reference_rows(logits, labels, *, temperature, ignore_index, return_entropy):
     # As in the kernel, a label outside [0, V) (validate=False) gives NaN instead of an indexing error.
     outside = (labels != ignore_index) & ((labels < 0) | (labels >= logits.shape[-1]))
@@ -237,14 +273,15 @@ def token_logprobs(
         validate: check that every label is in [0, V) or equals ignore_index (one device sync).
             With validate=False that is the caller's promise; a broken one yields NaN at that
             position, never an out-of-bounds read.
-        backend: "triton", "torch" (the chunked reference) or "auto"; see `fastppo.kernels`.
+        backend: "triton", "native" (C++ CPU kernels), "torch" (the chunked
+            reference) or "auto"; see `fastppo.kernels`.
 
     Returns:
         float32 logprobs of shape labels.shape, and with return_entropy the float32 entropy too.
         Both are differentiable with respect to logits; the gradient has the logits' dtype.
     """
     temperature = check_token_inputs(logits, labels, temperature, ignore_index, validate)
-    backend = resolve_backend(backend, logits.device)
+    backend = resolve_backend(backend, logits.device, native_dtype=logits.dtype)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     if backend == "torch":
@@ -252,7 +289,8 @@ def token_logprobs(
                                return_entropy=bool(return_entropy))
         out = chunked.rowwise(fn, logits, labels)
         return out if return_entropy else out[0]
-    logprobs, entropy = TokenLogprobsFunction.apply(logits, labels, temperature, ignore_index,
+    function = NativeTokenLogprobsFunction if backend == "native" else TokenLogprobsFunction
+    logprobs, entropy = function.apply(logits, labels, temperature, ignore_index,
                                                     bool(return_entropy))
     logprobs = logprobs.view(labels.shape)
     return (logprobs, entropy.view(labels.shape)) if return_entropy else logprobs

@@ -9,7 +9,7 @@ from fastppo.kernels import ppo_loss, token_logprobs
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "native", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 STATS = ["policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "value_clipfrac"]
 
@@ -185,8 +185,9 @@ def model_logits(batch):
     return hidden @ weight.t(), weight
 
 
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("strided", [False, True])
-def test_inplace_backward_matches_and_writes_into_logits(strided):
+def test_inplace_backward_matches_and_writes_into_logits(strided, backend):
     batch = make_batch(3, 5, 64, torch.float32, seed=2)
     grads = []
     for inplace in (False, True):
@@ -196,7 +197,7 @@ def test_inplace_backward_matches_and_writes_into_logits(strided):
         out = ppo_loss(x, batch["labels"], batch["old_logprobs"], batch["advantages"], batch["mask"],
                        values=batch["values"].clone().requires_grad_(), returns=batch["returns"],
                        old_values=batch["old_values"], entropy_coef=0.02, inplace_backward=inplace,
-                       backend="triton")
+                       backend=backend)
         logits.retain_grad()
         (out.loss * 2.5).backward()
         grads.append((weight.grad, logits.grad, x.detach().clone()))
@@ -215,8 +216,9 @@ def test_inplace_backward_refuses_a_leaf():
                  inplace_backward=True)
 
 
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("other_first", [True, False])
-def test_inplace_backward_never_feeds_gradients_to_another_user_of_the_logits(other_first):
+def test_inplace_backward_never_feeds_gradients_to_another_user_of_the_logits(other_first, backend):
     # Another op saved the logits for its backward. If autograd runs ours first, the logits are gone
     # when that op needs them: autograd's version check must raise, never compute with gradients as
     # logits. If it runs that op first, the result must be exactly the out-of-place one.
@@ -228,7 +230,7 @@ def test_inplace_backward_never_feeds_gradients_to_another_user_of_the_logits(ot
         if other_first:
             other = (logits ** 2).sum()  # pow saves its input
         out = ppo_loss(logits[:, :-1], batch["labels"], batch["old_logprobs"], batch["advantages"],
-                       batch["mask"], inplace_backward=inplace, backend="triton")
+                       batch["mask"], inplace_backward=inplace, backend=backend)
         if not other_first:
             other = (logits ** 2).sum()
         if inplace and other_first:

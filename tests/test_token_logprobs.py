@@ -20,7 +20,7 @@ from fastppo.layout import as_outer_inner
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "native", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Outputs are accumulated in float32 whatever the logits' dtype, so values get float32 tolerances for
 # every dtype; the gradient is stored in the logits' dtype and gets that dtype's rounding.

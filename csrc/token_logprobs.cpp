@@ -1,0 +1,206 @@
+// Native CPU kernels for fastppo.kernels.token_logprobs (and through it ppo_loss).
+//
+// Same math as kernels/token_logprobs.py, one row (token) at a time, rows spread over OpenMP threads,
+// the vocabulary loop vectorised with ATen's Vectorized<float> (AVX2 / AVX-512 chosen at build time).
+// Byte floor: forward reads N*V*b once; backward reads N*V*b once and writes N*V*b once.
+//
+// Forward, per row, in chunks of CHUNK logits that stay in L1: the chunk's max first (an L1 re-read,
+// not a memory one), then the running (m, s, t) re-based once per chunk, then one exp per logit:
+//   d = (x - m) / T,  s = sum exp(d),  t = sum exp(d) d,  log p_label = d_label - log s,
+//   entropy = log s - t / s.
+// One exp per logit instead of two (a per-lane online max would need a rescaling exp per vector).
+// Backward, per row: log p = (x - m) / T - log s,  p = exp(log p),
+//   grad = (g_lp (1[v == label] - p) - g_h p (log p + H)) / T.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t W = Vec::size();
+constexpr int64_t CHUNK = 1024;  // logits per chunk: 4 KB of float32, comfortably in L1
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// Load n <= W logits as float32; missing lanes are -inf (they then add exp(-inf) = 0).
+template <typename scalar_t>
+inline Vec load(const scalar_t* p, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return n == W ? Vec::loadu(p) : Vec::set(Vec(NEG_INF), Vec::loadu(p, n), n);
+  } else {
+    float buf[W];
+    for (int64_t i = 0; i < W; ++i) buf[i] = i < n ? static_cast<float>(p[i]) : NEG_INF;
+    if (n == W) {
+      Vec out;
+      at::vec::load_to_float<scalar_t>(p, out);
+      return out;
+    }
+    return Vec::loadu(buf);
+  }
+}
+
+template <typename scalar_t>
+inline void store(scalar_t* p, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    v.store(p, n);
+  } else {
+    auto half = at::vec::convert_from_float<scalar_t>(v, v);  // rounds to nearest even
+    half.store(p, n);
+  }
+}
+
+// exp(d) * d with 0 where exp(d) = 0 (d = -inf would give 0 * -inf = NaN).
+inline Vec exp_times(const Vec& e, const Vec& d) {
+  return Vec::blendv(Vec(0.f), e * d, e > Vec(0.f));
+}
+
+struct RowStats {
+  float m, log_s, entropy;
+};
+
+template <typename scalar_t>
+RowStats row_logsumexp(const scalar_t* x, int64_t V, float inv_t, bool entropy) {
+  float m = NEG_INF, s = 0.f, t = 0.f;
+  for (int64_t c0 = 0; c0 < V; c0 += CHUNK) {
+    const int64_t c1 = std::min(V, c0 + CHUNK);
+    Vec vmax(NEG_INF);
+    for (int64_t i = c0; i < c1; i += W) vmax = at::vec::maximum(vmax, load(x + i, std::min(W, c1 - i)));
+    const float cmax = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+    const float m_new = std::max(m, cmax);
+    if (m_new == NEG_INF) continue;  // everything so far is banned: nothing to add
+    // Re-base (s, t) from m to m_new: a = exp((m - m_new) / T), t' = a (t + s (m - m_new) / T).
+    const float shift = s > 0.f ? (m - m_new) * inv_t : 0.f;
+    const float a = std::exp(shift);
+    t = a * (t + s * shift);
+    s = a * s;
+    m = m_new;
+    Vec vs(0.f), vt(0.f);
+    const Vec vm(m), vinv(inv_t);
+    for (int64_t i = c0; i < c1; i += W) {
+      const Vec d = (load(x + i, std::min(W, c1 - i)) - vm) * vinv;
+      const Vec e = d.exp();
+      vs = vs + e;
+      if (entropy) vt = vt + exp_times(e, d);
+    }
+    s += at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vs);
+    if (entropy) t += at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vt);
+  }
+  const float log_s = std::log(s);
+  return {m, log_s, log_s - t / s};
+}
+
+template <typename scalar_t>
+void row_grad(const scalar_t* x, scalar_t* g, int64_t V, int64_t label, float m, float log_s,
+              float h, float g_lp, float g_h, float inv_t, bool has_g_h) {
+  // Reads each vector of x before writing the same vector of g, so g may alias x (in place).
+  const Vec vm(m), vinv(inv_t), vlogs(log_s), vh(h), vglp(g_lp), vgh(g_h);
+  for (int64_t i = 0; i < V; i += W) {
+    const int64_t n = std::min(W, V - i);
+    const Vec logp = (load(x + i, n) - vm) * vinv - vlogs;
+    const Vec p = logp.exp();
+    Vec grad = Vec(0.f) - vglp * p;
+    if (has_g_h) grad = grad - vgh * exp_times(p, logp + vh);
+    grad = grad * vinv;
+    if (label >= i && label < i + n) {  // the one-hot term, added in float32 before rounding
+      float lanes[W];
+      grad.store(lanes);
+      lanes[label - i] += g_lp * inv_t;
+      grad = Vec::loadu(lanes);
+    }
+    store(g + i, grad, n);
+  }
+}
+
+template <typename F>
+void dispatch(const torch::Tensor& logits, F&& f) {
+  if (logits.scalar_type() == at::kFloat) {
+    f(float{});
+  } else if (logits.scalar_type() == at::kBFloat16) {
+    f(at::BFloat16{});
+  } else if (logits.scalar_type() == at::kHalf) {
+    f(at::Half{});
+  } else {
+    TORCH_CHECK(false, "native kernels take float32, bfloat16 or float16 logits; got ",
+                logits.scalar_type());
+  }
+}
+
+}  // namespace
+
+// logits: (outer, inner, V) view with a contiguous last dim; labels: (N,) int64.
+// Returns (logprobs, entropy, m, log_s), float32 (N,).
+std::vector<torch::Tensor> forward(torch::Tensor logits, torch::Tensor labels, double temperature,
+                                   int64_t ignore_index, bool return_entropy) {
+  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "logits must be (outer, inner, V), unit stride");
+  const int64_t outer = logits.size(0), inner = logits.size(1), V = logits.size(2), N = outer * inner;
+  const int64_t so = logits.stride(0), si = logits.stride(1);
+  auto opts = logits.options().dtype(torch::kFloat32);
+  auto lp = torch::empty({N}, opts), ent = torch::empty({N}, opts);
+  auto mx = torch::empty({N}, opts), ls = torch::empty({N}, opts);
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  float *plp = lp.data_ptr<float>(), *pent = ent.data_ptr<float>();
+  float *pm = mx.data_ptr<float>(), *pls = ls.data_ptr<float>();
+  dispatch(logits, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* x = base + (r / inner) * so + (r % inner) * si;
+        const int64_t label = y[r];
+        if (label == ignore_index) {
+          plp[r] = pent[r] = pm[r] = pls[r] = 0.f;
+          continue;
+        }
+        const RowStats st = row_logsumexp(x, V, inv_t, return_entropy);
+        const bool in_vocab = label >= 0 && label < V;
+        plp[r] = in_vocab ? (static_cast<float>(x[label]) - st.m) * inv_t - st.log_s
+                          : std::numeric_limits<float>::quiet_NaN();
+        pent[r] = return_entropy ? st.entropy : 0.f;
+        pm[r] = st.m;
+        pls[r] = st.log_s;
+      }
+    });
+  });
+  return {lp, ent, mx, ls};
+}
+
+// Writes the gradient into `grad` ((outer, inner, V) with a unit last stride; may alias logits).
+void backward(torch::Tensor logits, torch::Tensor labels, torch::Tensor mx, torch::Tensor ls,
+              torch::Tensor ent, torch::Tensor g_lp, torch::Tensor g_h, torch::Tensor grad,
+              double temperature, int64_t ignore_index, bool has_g_h) {
+  const int64_t inner = logits.size(1), V = logits.size(2), N = logits.size(0) * inner;
+  const int64_t so = logits.stride(0), si = logits.stride(1);
+  const int64_t gso = grad.stride(0), gsi = grad.stride(1);
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const float *pm = mx.data_ptr<float>(), *pls = ls.data_ptr<float>(), *pent = ent.data_ptr<float>();
+  const float *pglp = g_lp.data_ptr<float>(), *pgh = has_g_h ? g_h.data_ptr<float>() : nullptr;
+  dispatch(logits, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    scalar_t* gbase = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r / inner, i = r % inner;
+        scalar_t* g = gbase + o * gso + i * gsi;
+        if (y[r] == ignore_index) {
+          std::fill(g, g + V, static_cast<scalar_t>(0.f));
+          continue;
+        }
+        row_grad(base + o * so + i * si, g, V, y[r], pm[r], pls[r], pent[r], pglp[r],
+                 has_g_h ? pgh[r] : 0.f, inv_t, has_g_h);
+      }
+    });
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "token_logprobs forward (CPU)");
+  m.def("backward", &backward, "token_logprobs backward (CPU)");
+}

@@ -222,6 +222,13 @@ class PPOLossFunction(torch.autograd.Function):
         return (grad, grad_values) + (None,) * 9
 
 
+def _storage_owner(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage a view shares (itself when it is not a view)."""
+    while t._base is not None:
+        t = t._base
+    return t
+
+
 def _check_options(clip_eps, clip_eps_high, dual_clip, value_clip, vf_coef, entropy_coef, kl_coef,
                    kl_estimator, reduction, inplace_backward):
     if clip_eps is not None:
@@ -317,9 +324,10 @@ def ppo_loss(
         raise ValueError("value_clip needs old_values; pass value_clip=None for an unclipped value loss")
     if kl_coef and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs")
-    if inplace_backward and logits.requires_grad and logits.is_leaf:
-        raise ValueError("inplace_backward=True would overwrite a leaf tensor's data with its own "
-                         "gradient; pass logits produced by a model, or inplace_backward=False")
+    if inplace_backward and _storage_owner(logits).is_leaf and _storage_owner(logits).requires_grad:
+        raise ValueError("inplace_backward=True would overwrite a leaf tensor's data (logits is that "
+                         "leaf or a view of it) with its own gradient; pass logits produced by a "
+                         "model, or inplace_backward=False")
     labels = torch.where(mask, labels, -100)
     check_token_inputs(logits, labels, temperature, -100, validate=True)
     backend = resolve_backend(backend, logits.device, native_dtype=logits.dtype)

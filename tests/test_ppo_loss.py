@@ -208,11 +208,13 @@ def test_inplace_backward_matches_and_writes_into_logits(strided, backend):
     torch.testing.assert_close(x1, g_rows, atol=0, rtol=0)  # the storage now holds the gradient
 
 
-def test_inplace_backward_refuses_a_leaf():
+@pytest.mark.parametrize("view", [False, True])
+def test_inplace_backward_refuses_a_leaf(view):
     batch = make_batch(2, 3, 10, torch.float32)
-    leaf = batch["logits"][:, :-1].clone().requires_grad_()
+    leaf = batch["logits"].clone().requires_grad_()
+    logits = leaf[:, :-1] if view else leaf[:, :-1].detach().requires_grad_()
     with pytest.raises(ValueError, match="inplace_backward=True would overwrite a leaf"):
-        ppo_loss(leaf, batch["labels"], batch["old_logprobs"], batch["advantages"], batch["mask"],
+        ppo_loss(logits, batch["labels"], batch["old_logprobs"], batch["advantages"], batch["mask"],
                  inplace_backward=True)
 
 

@@ -17,7 +17,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <sys/mman.h>
+
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 namespace {
@@ -170,6 +173,16 @@ std::vector<torch::Tensor> forward(torch::Tensor logits, torch::Tensor labels, d
   return {lp, ent, mx, ls};
 }
 
+// Ask for transparent huge pages on a fresh buffer before its first write: where THP is in "madvise"
+// mode, paging in a new (N, V) gradient otherwise costs one fault per 4 KB page (tens of ms at
+// N*V = 131M floats). Advisory only: nothing changes if the kernel declines.
+void advise_huge_pages(void* ptr, int64_t bytes) {
+  constexpr uintptr_t huge = 2u << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(huge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
+
 // Writes the gradient into `grad` ((outer, inner, V) with a unit last stride; may alias logits).
 void backward(torch::Tensor logits, torch::Tensor labels, torch::Tensor mx, torch::Tensor ls,
               torch::Tensor ent, torch::Tensor g_lp, torch::Tensor g_h, torch::Tensor grad,
@@ -178,6 +191,9 @@ void backward(torch::Tensor logits, torch::Tensor labels, torch::Tensor mx, torc
   const int64_t so = logits.stride(0), si = logits.stride(1);
   const int64_t gso = grad.stride(0), gsi = grad.stride(1);
   const float inv_t = static_cast<float>(1.0 / temperature);
+  if (grad.data_ptr() != logits.data_ptr() && grad.is_contiguous()) {
+    advise_huge_pages(grad.data_ptr(), grad.numel() * grad.element_size());
+  }
   const int64_t* y = labels.data_ptr<int64_t>();
   const float *pm = mx.data_ptr<float>(), *pls = ls.data_ptr<float>(), *pent = ent.data_ptr<float>();
   const float *pglp = g_lp.data_ptr<float>(), *pgh = has_g_h ? g_h.data_ptr<float>() : nullptr;

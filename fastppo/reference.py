@@ -66,7 +66,9 @@ def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
 
 def kl_rewards(logprobs, ref_logprobs, scores, mask, *, kl_coef: float, estimator: str = "k1"):
     """r_t = -kl_coef * KL_t on response tokens, plus the sequence's score at its last response token."""
-    kl = kl_penalty(logprobs, ref_logprobs, estimator=estimator)
+    # Padding may hold anything (NaN, -inf): zero it before the math so its gradient is 0, not NaN.
+    kl = kl_penalty(torch.where(mask, logprobs, 0.0), torch.where(mask, ref_logprobs, 0.0),
+                    estimator=estimator)
     rewards = torch.where(mask, -kl_coef * kl, 0.0)
     last = last_valid_index(mask)
     at_last = torch.arange(mask.shape[-1], device=mask.device) == last.unsqueeze(-1)
@@ -105,7 +107,7 @@ def reward_to_go(rewards, mask, *, gamma: float = 1.0):
 def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):
     """(x - mean) / sqrt(var + eps) over the valid entries (Bessel-corrected variance); the mean is
     added back when shift_mean=False. Invalid entries give 0."""
-    x = x.to(compute_dtype(x))
+    x = torch.where(mask, x.to(compute_dtype(x)), 0.0)  # padding may hold anything
     n = mask.sum()
     mean = torch.where(mask, x, 0.0).sum() / n
     var = torch.where(mask, (x - mean) ** 2, 0.0).sum() / (n - 1)
@@ -163,7 +165,9 @@ def ppo_loss_from_logprobs(
 ) -> PPOLossOutput:
     """The PPO actor + critic loss from per-token log-probs and entropies (see `ppo_loss`)."""
     dtype = compute_dtype(logprobs)
-    f = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    # Padding may hold anything (NaN old log-probs, inf returns): zero it before the math so that
+    # neither the loss nor any gradient sees it.
+    f = lambda t: None if t is None else torch.where(mask, t.to(dtype), 0.0)  # noqa: E731
     lp, old_lp, adv = f(logprobs), f(old_logprobs), f(advantages)
     weights = reduction_weights(mask, reduction).to(dtype)
     token_mean = lambda t: torch.where(mask, t, 0.0).sum() / mask.sum().clamp(min=1)  # noqa: E731
@@ -179,7 +183,7 @@ def ppo_loss_from_logprobs(
         pg = torch.maximum(pg, pg_clipped)
     if dual_clip is not None:
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
-    per_token = pg - entropy_coef * entropy.to(dtype)
+    per_token = pg - entropy_coef * f(entropy)
 
     vf = value_clipped = None
     if values is not None:
@@ -203,7 +207,7 @@ def ppo_loss_from_logprobs(
         loss=reduce(per_token).float(),
         policy_loss=stat(reduce(pg)),
         value_loss=None if vf is None else stat(reduce(vf)),
-        entropy=stat(token_mean(entropy.to(dtype))),
+        entropy=stat(token_mean(f(entropy))),
         approx_kl=stat(token_mean(0.5 * (lp - old_lp) ** 2)),
         clipfrac=stat(token_mean(clipped.to(dtype))),
         value_clipfrac=None if value_clipped is None else stat(token_mean(value_clipped.to(dtype))),

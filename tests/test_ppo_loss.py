@@ -322,3 +322,26 @@ def test_labels_outside_the_mask_are_not_checked_or_read():
     batch["labels"][0, 0] = 12345  # padding garbage where the mask is False is fine
     for backend in BACKENDS:
         assert torch.isfinite(call(batch, backend=backend).loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_garbage_at_invalid_positions_never_leaks(backend):
+    # Padding positions of the per-token inputs may hold anything (NaN, inf); results and gradients
+    # must equal those of a batch with clean padding.
+    clean = make_batch(3, 6, 40, torch.float32, seed=11)
+    dirty = {k: v.clone() for k, v in clean.items()}
+    pad = ~clean["mask"]
+    assert pad.any()
+    for key, junk in [("old_logprobs", float("nan")), ("advantages", float("inf")),
+                      ("returns", float("-inf")), ("old_values", float("nan")),
+                      ("ref_logprobs", float("nan"))]:
+        dirty[key][pad] = junk
+    dirty["values"][pad] = float("nan")  # the critic's own output at padding
+    opts = dict(entropy_coef=0.01, kl_coef=0.1, dual_clip=3.0)
+    (out_c, gl_c, gv_c), _ = run_both(clean, backend, **opts)
+    (out_d, gl_d, gv_d), _ = run_both(dirty, backend, **opts)
+    for name in ["loss"] + STATS:
+        torch.testing.assert_close(getattr(out_d, name), getattr(out_c, name), atol=0, rtol=0)
+    torch.testing.assert_close(gl_d, gl_c, atol=0, rtol=0)
+    assert torch.isfinite(gv_d).all() and (gv_d[pad] == 0).all()
+    torch.testing.assert_close(gv_d[~pad], gv_c[~pad], atol=0, rtol=0)

@@ -94,7 +94,8 @@ def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 1.0):
         advantages.append(torch.where(valid, adv, 0.0))
         next_value = torch.where(valid, values[..., t], next_value)  # holes are skipped, not zeros
         next_adv = torch.where(valid, adv, next_adv)
-    advantages = torch.stack(advantages[::-1], dim=-1) if advantages else torch.zeros_like(rewards)
+    # T = 0: an empty tensor, still linked to the inputs so that backward works.
+    advantages = torch.stack(advantages[::-1], dim=-1) if advantages else rewards - values
     return advantages, torch.where(mask, advantages + values, 0.0)
 
 

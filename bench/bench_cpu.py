@@ -2,7 +2,7 @@
 
     python bench/bench_cpu.py [--rows 4096] [--vocab 32000] [--repeat 5] [--csv bench/results/cpu.csv]
 
-Providers (float32 logits, temperature 0.7, 10% ignored labels):
+Providers (float32 logits, temperature 0.7, 10% ignored labels), each with and without the entropy:
   native            fastppo.kernels.token_logprobs(backend="native"), the C++ kernels in csrc/
   native-inplace    the same kernels writing the gradient into the logits (ppo_loss's
                     inplace_backward=True path): no fresh (N, V) gradient buffer to page in
@@ -48,19 +48,23 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
-def providers(logits, labels, batch):
-    """name -> (forward(), forward_backward() -> gradient bytes allocated)."""
+def providers(logits, labels, batch, entropy):
+    """name -> (forward(), forward_backward() -> gradient bytes allocated). With entropy, every
+    token_logprobs provider also returns the entropy and backpropagates through it."""
     nbytes = logits.numel() * logits.element_size()
+
+    def objective(out):
+        return out[0].sum() + 0.1 * out[1].sum() if entropy else out.sum()
 
     def tl(backend):
         def fwd():
             with torch.no_grad():
-                token_logprobs(logits, labels, temperature=T, return_entropy=True, backend=backend)
+                token_logprobs(logits, labels, temperature=T, return_entropy=entropy, backend=backend)
 
         def fwd_bwd():
             x = logits.detach().requires_grad_()
-            lp, ent = token_logprobs(x, labels, temperature=T, return_entropy=True, backend=backend)
-            torch.autograd.grad(lp.sum() + 0.1 * ent.sum(), x)
+            out = token_logprobs(x, labels, temperature=T, return_entropy=entropy, backend=backend)
+            torch.autograd.grad(objective(out), x)
             return nbytes
         return fwd, fwd_bwd
 
@@ -72,8 +76,8 @@ def providers(logits, labels, batch):
             leaf = scratch.detach().requires_grad_()
             t0 = time.perf_counter()
             x = _Alias.apply(leaf)
-            lp, ent = NativeTokenLogprobsFunction.apply(x, labels, T, -100, True, True)
-            torch.autograd.grad(lp.sum() + 0.1 * ent.sum(), x)
+            lp, ent = NativeTokenLogprobsFunction.apply(x, labels, T, -100, entropy, True)
+            torch.autograd.grad(objective((lp, ent) if entropy else lp), x)
             return 0, time.perf_counter() - t0
         return None, fwd_bwd
 
@@ -82,8 +86,7 @@ def providers(logits, labels, batch):
             logp = torch.log_softmax(x / T, dim=-1)
             keep = labels != -100
             lp = torch.where(keep, logp.gather(-1, labels.clamp(min=0)[:, None])[:, 0], 0.0)
-            ent = -(logp.exp() * logp).sum(-1)
-            return lp, ent
+            return (lp, -(logp.exp() * logp).sum(-1)) if entropy else lp
 
         def fwd():
             with torch.no_grad():
@@ -91,14 +94,13 @@ def providers(logits, labels, batch):
 
         def fwd_bwd():
             x = logits.detach().requires_grad_()
-            lp, ent = run(x)
-            torch.autograd.grad(lp.sum() + 0.1 * ent.sum(), x)
+            torch.autograd.grad(objective(run(x)), x)
             return nbytes
         return fwd, fwd_bwd
 
     def compiled():
         fn = torch.compile(lambda x: reference.token_logprobs(x, labels, temperature=T,
-                                                               return_entropy=True))
+                                                               return_entropy=entropy))
 
         def fwd():
             with torch.no_grad():
@@ -106,8 +108,7 @@ def providers(logits, labels, batch):
 
         def fwd_bwd():
             x = logits.detach().requires_grad_()
-            lp, ent = fn(x)
-            torch.autograd.grad(lp.sum() + 0.1 * ent.sum(), x)
+            torch.autograd.grad(objective(fn(x)), x)
             return nbytes
         return fwd, fwd_bwd
 
@@ -139,11 +140,13 @@ def providers(logits, labels, batch):
             return nbytes
         return fwd, fwd_bwd
 
-    return {
+    found = {
         "native": tl("native"), "native-inplace": native_inplace(), "torch": tl("torch"),
-        "eager": eager(), "compile": compiled(), "ppo-native": ppo(False),
-        "ppo-native-inplace": ppo(True),
+        "eager": eager(), "compile": compiled(),
     }
+    if entropy:  # ppo_loss always computes the entropy (it reports it)
+        found.update({"ppo-native": ppo(False), "ppo-native-inplace": ppo(True)})
+    return found
 
 
 class _Alias(torch.autograd.Function):
@@ -188,6 +191,8 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", nargs="*", help="provider names to run (default: all)")
+    parser.add_argument("--entropy", nargs="+", type=lambda v: v == "on", default=[False, True],
+                        metavar="on|off", help="with and/or without the entropy (default: both)")
     parser.add_argument("--csv", default=str(Path(__file__).with_name("results") / "cpu.csv"))
     args = parser.parse_args(argv)
 
@@ -206,8 +211,10 @@ def main(argv=None):
 
     rows = []
     print(f"N={N} V={V} float32, logits {logit_mib:.0f} MiB, {machine}, torch {torch.__version__}")
-    print(f"{'provider':20} {'fwd ms':>16} {'fwd+bwd ms':>18} {'peak extra MiB':>15} {'% of logits':>12}")
-    for name, (fwd, fwd_bwd) in providers(logits, labels, batch).items():
+    print(f"{'provider':20} {'entropy':>7} {'fwd ms':>16} {'fwd+bwd ms':>18} {'peak extra MiB':>15} "
+          f"{'% of logits':>12}")
+    settings = [(e, n, p) for e in args.entropy for n, p in providers(logits, labels, batch, e).items()]
+    for entropy, name, (fwd, fwd_bwd) in settings:
         if args.only and name not in args.only:
             continue
         f = None
@@ -218,10 +225,10 @@ def main(argv=None):
         fb = timed(fwd_bwd, args.repeat)
         peak = peak_extra_mib(fwd_bwd)
         fs = "-" if f is None else f"{f[0] * 1e3:6.1f} [{f[1] * 1e3:.0f}-{f[2] * 1e3:.0f}]"
-        print(f"{name:20} {fs:>16} {fb[0] * 1e3:7.1f} [{fb[1] * 1e3:.0f}-{fb[2] * 1e3:.0f}] "
+        print(f"{name:20} {str(entropy):>7} {fs:>16} {fb[0] * 1e3:7.1f} [{fb[1] * 1e3:.0f}-{fb[2] * 1e3:.0f}] "
               f"{peak:15.1f} {100 * peak / logit_mib:11.1f}%")
         rows.append(dict(date=date, rev=rev, machine=machine, torch=torch.__version__, rows=N,
-                         vocab=V, provider=name,
+                         vocab=V, provider=name, entropy=entropy,
                          fwd_ms="" if f is None else f"{f[0] * 1e3:.2f}",
                          fwd_bwd_ms=f"{fb[0] * 1e3:.2f}", fwd_bwd_p20_ms=f"{fb[1] * 1e3:.2f}",
                          fwd_bwd_p80_ms=f"{fb[2] * 1e3:.2f}", peak_extra_mib=f"{peak:.1f}"))

@@ -23,7 +23,8 @@ from fastppo.checks import (check_choice, check_mask, check_per_token, check_rea
 from fastppo.kernels._triton import tl, triton
 from fastppo.kernels.kl import ESTIMATORS, kl_term, kl_term_grad
 from fastppo.kernels.token_logprobs import (NativeTokenLogprobsFunction, _launch_config,
-                                            _reference_rows, row_logsumexp, row_softmax_grad)
+                                            _reference_rows, gradient_buffer, row_logsumexp,
+                                            row_softmax_grad)
 from fastppo.layout import as_outer_inner
 from fastppo.reference import REDUCTIONS, PPOLossOutput, reduction_weights
 
@@ -187,7 +188,8 @@ class PPOLossFunction(torch.autograd.Function):
             )
         loss = (weights.double() * stats[int(LOSS)].double()).sum().float()
         ctx.save_for_backward(x3, labels, mask, weights, stats)
-        ctx.opts, ctx.shape, ctx.logits = opts, logits.shape, logits
+        ctx.opts, ctx.shape = opts, logits.shape
+        ctx.logits = logits if opts["inplace_backward"] else None
         ctx.values_meta = None if values is None else (values.shape, values.dtype)
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -196,16 +198,7 @@ class PPOLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats):
         x3, labels, mask, weights, stats = ctx.saved_tensors
         opts, n, V = ctx.opts, labels.numel(), x3.shape[-1]
-        if opts["inplace_backward"]:
-            # The gradient goes where the logits are (each program reads its row, then overwrites
-            # it). Bumping the version counter makes autograd refuse, loudly, any other node that
-            # saved these logits for its own backward, instead of letting it read gradients.
-            g3 = x3
-            grad = ctx.logits if x3.data_ptr() == ctx.logits.data_ptr() else x3.view(ctx.shape)
-            torch.autograd.graph.increment_version(grad)
-        else:
-            grad = torch.empty(ctx.shape, dtype=x3.dtype, device=x3.device)
-            g3 = grad.view(x3.shape)
+        g3, grad = gradient_buffer(x3, ctx.logits, ctx.shape, opts["inplace_backward"])
         grad_values = None
         if ctx.values_meta is not None:
             grad_values = torch.empty(ctx.values_meta[0], dtype=ctx.values_meta[1], device=x3.device)

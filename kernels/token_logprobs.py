@@ -205,6 +205,20 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return grad.view(ctx.shape), None, None, None, None
 
 
+def gradient_buffer(x3, logits, shape, inplace):
+    """Where a backward writes the logits' gradient: (that buffer as an (outer, inner, V) view, the
+    gradient to return for `logits`). A fresh contiguous buffer, or with `inplace` the logits' own
+    storage (see ppo_loss(inplace_backward=True)): each row is read before it is overwritten, and the
+    version counter is bumped so that any other autograd node that saved these logits raises
+    autograd's "modified by an inplace operation" error instead of reading gradients."""
+    if inplace:
+        grad = logits if x3.data_ptr() == logits.data_ptr() else x3.view(shape)
+        torch.autograd.graph.increment_version(grad)
+        return x3, grad
+    grad = torch.empty(shape, dtype=x3.dtype, device=x3.device)
+    return grad.view(x3.shape), grad
+
+
 class NativeTokenLogprobsFunction(torch.autograd.Function):
     """The C++ kernels of csrc/token_logprobs.cpp (CPU); same contract as TokenLogprobsFunction.
     With inplace=True the gradient is written into the logits' storage (used by ppo_loss)."""
@@ -229,13 +243,7 @@ class NativeTokenLogprobsFunction(torch.autograd.Function):
         flat = lambda g: g.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
         g_lp = torch.zeros_like(row_max) if grad_logprobs is None else flat(grad_logprobs)
         g_h = row_max if grad_entropy is None else flat(grad_entropy)
-        if ctx.inplace:  # see ppo_loss(inplace_backward=True)
-            grad3 = x3
-            grad = ctx.logits if x3.data_ptr() == ctx.logits.data_ptr() else x3.view(ctx.shape)
-            torch.autograd.graph.increment_version(grad)
-        else:
-            grad3 = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
-            grad = grad3.view(ctx.shape)
+        grad3, grad = gradient_buffer(x3, ctx.logits, ctx.shape, ctx.inplace)
         native.module().backward(x3, labels, row_max, log_sum, entropy, g_lp, g_h, grad3,
                                  ctx.temperature, ctx.ignore_index, grad_entropy is not None)
         return grad, None, None, None, None, None

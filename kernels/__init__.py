@@ -5,19 +5,25 @@ Every op takes `backend=`: "triton" (the fused kernels), "torch" (the plain-PyTo
 FASTPPO_BACKEND in the environment replaces "auto".
 """
 if __name__ != "fastppo.kernels":
-    # This directory is installed as fastppo.kernels (setuptools package-dir). Imported as a bare
-    # `kernels` (e.g. from the repository root) it would shadow the PyPI package of that name.
-    raise ImportError(
-        f"this package must be imported as `fastppo.kernels`, not `{__name__}`: "
-        "install fastppo (`pip install -e .`) and `from fastppo.kernels import token_logprobs`"
-    )
+    # This directory is installed as fastppo.kernels (setuptools package-dir). Reached as a bare
+    # `kernels` (from the repository root) it shadows the PyPI package of that name. Every use then
+    # fails loudly; the import itself does not, because transformers probes for a `kernels` package
+    # by importing it, and must find no package here (no __file__, no __version__) rather than crash.
+    _MESSAGE = (f"this package must be imported as `fastppo.kernels`, not `{__name__}`: install "
+                "fastppo (`pip install -e .`) and `from fastppo.kernels import token_logprobs`")
+    del globals()["__file__"]
 
-from fastppo.kernels.gae import gae, reward_to_go
-from fastppo.kernels.kl import kl_penalty, kl_rewards
-from fastppo.kernels.ppo_loss import ppo_loss
-from fastppo.kernels.token_logprobs import token_logprobs
-from fastppo.kernels.whiten import masked_whiten
-from fastppo.reference import PPOLossOutput
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ImportError(_MESSAGE)
+else:
+    from fastppo.kernels.gae import gae, reward_to_go
+    from fastppo.kernels.kl import kl_penalty, kl_rewards
+    from fastppo.kernels.ppo_loss import ppo_loss
+    from fastppo.kernels.token_logprobs import token_logprobs
+    from fastppo.kernels.whiten import masked_whiten
+    from fastppo.reference import PPOLossOutput
 
-__all__ = ["token_logprobs", "kl_penalty", "kl_rewards", "gae", "reward_to_go", "masked_whiten",
-           "ppo_loss", "PPOLossOutput"]
+    __all__ = ["token_logprobs", "kl_penalty", "kl_rewards", "gae", "reward_to_go", "masked_whiten",
+               "ppo_loss", "PPOLossOutput"]

@@ -1,0 +1,151 @@
+"""One documented dataclass config per trainer. The CLI (fastppo.cli) fills them from a YAML file
+(`--config`) and command-line flags with jsonargparse, which rejects unknown keys and wrong types;
+`check()` rejects impossible combinations before any work starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class SFTConfig:
+    data: str
+    """JSONL file of {"prompt", "response"} rows."""
+    model: str
+    """A Hugging Face causal-LM directory to fine-tune (with its tokenizer)."""
+    out: str = "runs/sft"
+    """Output folder: the checkpoint, metrics.jsonl and the plot."""
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Sequences per step."""
+    lr: float = 3e-3
+    """AdamW learning rate."""
+    seed: int = 0
+    """Seed of every random choice (data order, initialisation of heads)."""
+    device: str = "cpu"
+    """Torch device."""
+
+    def check(self) -> "SFTConfig":
+        _require(self.steps >= 1, f"steps must be >= 1; got {self.steps}")
+        _require(self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}")
+        _require(self.lr > 0, f"lr must be > 0; got {self.lr}")
+        return self
+
+
+@dataclass
+class RMConfig:
+    data: str
+    """JSONL file of {"prompt", "chosen", "rejected"} rows."""
+    model: str
+    """The SFT checkpoint whose backbone the reward model starts from."""
+    out: str = "runs/rm"
+    """Output folder: the checkpoint (backbone + score head), metrics.jsonl and the plot."""
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Pairs per step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    eval_fraction: float = 0.1
+    """Fraction of the pairs held out to measure pairwise accuracy."""
+    seed: int = 0
+    """Seed of every random choice."""
+    device: str = "cpu"
+    """Torch device."""
+
+    def check(self) -> "RMConfig":
+        _require(self.steps >= 1, f"steps must be >= 1; got {self.steps}")
+        _require(self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}")
+        _require(self.lr > 0, f"lr must be > 0; got {self.lr}")
+        _require(0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1); got {self.eval_fraction}")
+        return self
+
+
+@dataclass
+class PPOConfig:
+    prompts: str
+    """JSONL file of {"prompt"} rows."""
+    policy: str
+    """The SFT checkpoint: the initial policy and the frozen reference."""
+    reward_model: str
+    """The reward-model checkpoint (fastppo rm)."""
+    out: str = "runs/ppo"
+    """Output folder: checkpoints, metrics.jsonl, the plot."""
+    iterations: int = 40
+    """Outer iterations: rollout then PPO epochs."""
+    batch_size: int = 64
+    """Prompts (and responses) per rollout."""
+    mini_batch_size: int = 32
+    """Sequences per optimizer step; must divide batch_size."""
+    ppo_epochs: int = 2
+    """Passes over each rollout."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+    max_new_tokens: int = 8
+    """Longest response."""
+    temperature: float = 1.0
+    """Sampling temperature, applied identically in rollout log-probs and training."""
+    top_k: int = 0
+    """Sample from the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: all)."""
+    kl_coef: float = 0.05
+    """Initial coefficient of the per-token KL penalty to the reference."""
+    kl_estimator: str = "k1"
+    """KL estimator in the rewards: k1, k2 or k3."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target (proportional controller of Ziegler et al.)."""
+    kl_target: float = 1.0
+    """Target per-sequence KL of the adaptive controller."""
+    kl_horizon: int = 100
+    """Horizon (in iterations) of the adaptive controller."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten the advantages over the rollout's valid tokens."""
+    clip_eps: float = 0.2
+    """PPO ratio clip."""
+    value_clip: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    save_every: int = 10
+    """Checkpoint every this many iterations (and at the end)."""
+    resume: bool = False
+    """Continue from the checkpoint in `out`."""
+    seed: int = 0
+    """Seed of every random choice."""
+    device: str = "cpu"
+    """Torch device."""
+
+    def check(self) -> "PPOConfig":
+        for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                     "kl_horizon", "save_every"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
+        _require(self.mini_batch_size <= self.batch_size,
+                 f"mini_batch_size ({self.mini_batch_size}) must not exceed batch_size "
+                 f"({self.batch_size})")
+        _require(self.batch_size % self.mini_batch_size == 0,
+                 f"mini_batch_size ({self.mini_batch_size}) must divide batch_size ({self.batch_size})")
+        _require(self.temperature > 0, f"temperature must be > 0; got {self.temperature}")
+        _require(self.top_k >= 0, f"top_k must be >= 0; got {self.top_k}")
+        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1]; got {self.top_p}")
+        _require(self.kl_estimator in ("k1", "k2", "k3"),
+                 f"kl_estimator must be one of ('k1', 'k2', 'k3'); got {self.kl_estimator!r}")
+        _require(self.kl_coef >= 0 and self.kl_target > 0, "kl_coef must be >= 0 and kl_target > 0")
+        _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
+        _require(0 < self.clip_eps < 1, f"clip_eps must be in (0, 1); got {self.clip_eps}")
+        _require(self.value_clip > 0 and self.vf_coef >= 0 and self.lr > 0
+                 and self.max_grad_norm > 0, "value_clip, lr and max_grad_norm must be > 0")
+        return self

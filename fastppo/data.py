@@ -1,0 +1,104 @@
+"""JSONL data in the usual conventions, and the one token layout every trainer uses.
+
+SFT rows are {"prompt", "response"}, RM rows {"prompt", "chosen", "rejected"}, PPO rows {"prompt"}.
+A sequence is laid out as [left padding | <bos> prompt | response <eos> | right padding]: prompts are
+left-padded to a common length P and responses right-padded to R, so the logits at positions
+P-1 .. P+R-2 predict the response tokens for every row at once.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FIELDS = {"sft": ("prompt", "response"), "rm": ("prompt", "chosen", "rejected"), "ppo": ("prompt",)}
+
+
+def read_jsonl(path, kind: str) -> list[dict]:
+    """Rows of a JSONL file, each an object with the string fields of `kind`; a malformed line is a
+    ValueError naming the file and the line."""
+    fields = FIELDS[kind]
+    rows = []
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{kind} data file {path} does not exist")
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object with {fields}")
+            for field in fields:
+                if not isinstance(row.get(field), str):
+                    raise ValueError(f"{path}:{number}: field {field!r} must be a string "
+                                     f"(a {kind} row has {', '.join(fields)})")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{kind} data file {path} has no rows")
+    return rows
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    return [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False).input_ids
+            for p in prompts]
+
+
+def encode_responses(tokenizer, responses: list[str]) -> list[list[int]]:
+    return [tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            for r in responses]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R) bool
+    response_mask: torch.Tensor   # (B, R) bool: the response tokens that count
+    prompt_len: int               # P
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+    def response_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The (B, R, V) view of logits that predicts the response tokens (no copy)."""
+        return logits[:, self.prompt_len - 1: -1]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
+                     self.response_mask.to(device), self.prompt_len)
+
+    def select(self, index) -> "Batch":
+        return Batch(self.input_ids[index], self.attention_mask[index], self.response_mask[index],
+                     self.prompt_len)
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
+    P = max(len(p) for p in prompts)
+    R = max(max((len(r) for r in responses), default=0), 1)
+    ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, P - len(p):P] = torch.tensor(p)
+        attn[i, P - len(p):P] = True
+        ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+        attn[i, P:P + len(r)] = True
+    return Batch(ids, attn, attn[:, P:].clone(), P)
+
+
+def pack_prompts(prompts: list[list[int]], pad_id: int) -> Batch:
+    """Prompts alone, left-padded: the input of generation (no response columns yet)."""
+    full = pack(prompts, [[] for _ in prompts], pad_id)
+    P = full.prompt_len
+    return Batch(full.input_ids[:, :P], full.attention_mask[:, :P], full.response_mask[:, :0], P)

@@ -1,0 +1,56 @@
+"""Sampling with a KV cache: temperature, top-k, top-p and EOS.
+
+The sampler only picks tokens. The rollout's log-probs are not taken from it: they are recomputed by
+the training forward on the generated tokens with the same temperature (fastppo.ppo), so the first PPO
+step sees ratio = 1 whatever the sampler's filtering.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastppo.data import Batch
+from fastppo.models import backbone
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the top_k most likely tokens (0: all) and the smallest set with mass >= top_p (1: all)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        mass_before = torch.softmax(sorted_logits, -1).cumsum(-1) - torch.softmax(sorted_logits, -1)
+        drop = mass_before >= top_p  # the most likely token is always kept
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top_k: int,
+             top_p: float, eos_id: int, pad_id: int, generator: torch.Generator) -> Batch:
+    """Sample up to max_new_tokens per prompt; returns the packed prompt + response batch (tokens
+    after a row's EOS are padding and masked out)."""
+    ids, attn = prompts.input_ids, prompts.attention_mask
+    B = ids.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    new_tokens, new_mask = [], []
+    cache, step_ids, full_attn = None, ids, attn
+    for _ in range(max_new_tokens):
+        out = backbone(lm, step_ids, full_attn, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = lm.get_output_embeddings()(out.last_hidden_state[:, -1]).float() / temperature
+        probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = torch.where(done, pad_id, token)
+        real = ~done  # the EOS itself counts; what follows it is padding
+        new_tokens.append(token)
+        new_mask.append(real)
+        done = done | (token == eos_id)
+        step_ids = token[:, None]
+        full_attn = torch.cat([full_attn, real[:, None]], dim=1)
+        if done.all():
+            break
+    responses = torch.stack(new_tokens, 1)
+    response_mask = torch.stack(new_mask, 1)
+    return Batch(torch.cat([ids, responses], 1), torch.cat([attn, response_mask], 1), response_mask,
+                 prompts.prompt_len)

@@ -1,0 +1,102 @@
+"""Models: the actor-critic on one backbone, the reward model, and their checkpoints.
+
+Both wrap any local Hugging Face causal LM (Llama, Qwen2, GPT-2, ...): `lm.base_model` is the backbone
+and `lm.get_output_embeddings()` the LM head, so one backbone forward gives the hidden states from
+which the logits (actor) and the values (critic) are both read.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+
+def attention_implementation(device: torch.device | str) -> str:
+    """flash_attention_2 where flash-attn is installed and the model runs on CUDA, else sdpa."""
+    cuda = torch.device(device).type == "cuda"
+    return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+               pad_token_id: int = 0, bos_token_id: int = 2, eos_token_id: int = 3):
+    """A small random Llama built from a config (the demo trains it from scratch)."""
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, max_position_embeddings=128,
+                         pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def load_lm(path, device="cpu"):
+    return AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation=attention_implementation(device)).to(device)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding (the same in generation, rollout and training)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def backbone(lm, input_ids, attention_mask, **kwargs):
+    """The backbone's forward; attention_mask covers the cached tokens too when a KV cache is passed,
+    and the position ids of input_ids are its last columns."""
+    position_ids = positions(attention_mask)[:, -input_ids.shape[1]:]
+    return lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, **kwargs)
+
+
+class ActorCritic(nn.Module):
+    """The policy (the causal LM) and a value head on the same last hidden states."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = backbone(self.lm, input_ids, attention_mask).last_hidden_state
+        logits = self.lm.get_output_embeddings()(hidden)
+        values = self.value_head(hidden).squeeze(-1)
+        return logits, values
+
+
+class RewardModel(nn.Module):
+    """The backbone plus a scalar head read at each sequence's last non-padding token."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.score_head = nn.Linear(lm.config.hidden_size, 1)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = backbone(self.lm, input_ids, attention_mask).last_hidden_state
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
+        return self.score_head(hidden[torch.arange(len(last)), last]).squeeze(-1)
+
+
+HEAD_FILE = "head.safetensors"
+
+
+def save_with_head(model: ActorCritic | RewardModel, tokenizer, directory) -> None:
+    """A Hugging Face directory that AutoModelForCausalLM loads as it is, with the extra head beside."""
+    model.lm.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    head = model.value_head if isinstance(model, ActorCritic) else model.score_head
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()},
+              f"{directory}/{HEAD_FILE}")
+
+
+def load_head(model: ActorCritic | RewardModel, directory) -> None:
+    head = model.value_head if isinstance(model, ActorCritic) else model.score_head
+    head.load_state_dict(load_file(f"{directory}/{HEAD_FILE}"))
+
+
+def lm_logits(lm, input_ids, attention_mask):
+    """The causal LM's logits with the position ids every fastppo forward uses."""
+    return lm.get_output_embeddings()(backbone(lm, input_ids, attention_mask).last_hidden_state)

@@ -1,0 +1,185 @@
+"""PPO against a reward model with a KL-style penalty to the frozen SFT model.
+
+One linear loop. Each iteration: sample prompts -> generate (KV cache) -> one no-grad forward of the
+actor-critic (old log-probs, values), of the reference (reference log-probs, cached for the whole
+iteration) and of the reward model (scores) -> kl_rewards -> gae -> masked_whiten -> ppo_epochs passes
+of ppo_loss over mini-batches, with gradient clipping and AdamW. Every log-prob, reward, advantage and
+loss is computed by fastppo.kernels.
+
+The rollout's log-probs and values come from the same forward as training (same temperature, same
+mini-batches as the first epoch), not from the sampler: the first mini-batch sees ratio = 1.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from fastppo.checkpoint import latest, rng_state, save_atomic, set_rng_state
+from fastppo.config import PPOConfig
+from fastppo.data import encode_prompts, pack_prompts, read_jsonl
+from fastppo.generate import generate
+from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logprobs
+from fastppo.metrics import MetricsLog, peak_memory_mib, plot
+from fastppo.models import ActorCritic, RewardModel, load_head, load_lm, lm_logits, save_with_head
+
+PLOT_KEYS = ["score_mean", "kl", "reward", "entropy", "value_loss", "clipfrac"]
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    v, r = values[mask].double(), returns[mask].double()
+    var = r.var() if r.numel() > 1 else torch.tensor(0.0)
+    return float("nan") if var == 0 else float(1 - (r - v).var() / var)
+
+
+@torch.no_grad()
+def rollout_forward(model, ref_lm, reward_model, batch, order, cfg):
+    """Old log-probs and values (actor-critic), reference log-probs, scores: one no-grad pass each,
+    in the mini-batches of the first PPO epoch (`order`)."""
+    B, R = batch.response_mask.shape
+    old_logprobs = torch.zeros(B, R, device=cfg.device)
+    values, ref_logprobs = torch.zeros_like(old_logprobs), torch.zeros_like(old_logprobs)
+    scores = torch.zeros(B, device=cfg.device)
+    timings = {"reference": 0.0, "score": 0.0}
+    for i in range(0, B, cfg.mini_batch_size):
+        idx = order[i:i + cfg.mini_batch_size]
+        mb = batch.select(idx)
+        labels = mb.responses.masked_fill(~mb.response_mask, -100)
+        logits, v = model(mb.input_ids, mb.attention_mask)
+        old_logprobs[idx] = token_logprobs(mb.response_logits(logits), labels,
+                                           temperature=cfg.temperature, validate=False)
+        values[idx] = mb.response_logits(v[..., None])[..., 0]
+        t0 = time.perf_counter()
+        ref = lm_logits(ref_lm, mb.input_ids, mb.attention_mask)
+        ref_logprobs[idx] = token_logprobs(mb.response_logits(ref), labels,
+                                           temperature=cfg.temperature, validate=False)
+        t1 = time.perf_counter()
+        scores[idx] = reward_model(mb.input_ids, mb.attention_mask).float()
+        timings["reference"] += t1 - t0
+        timings["score"] += time.perf_counter() - t1
+    return old_logprobs, values, ref_logprobs, scores, timings
+
+
+def train_ppo(cfg: PPOConfig) -> Path:
+    """Returns the final checkpoint directory (the policy as a Hugging Face directory + value head)."""
+    cfg.check()
+    rows = read_jsonl(cfg.prompts, "ppo")
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    model = ActorCritic(load_lm(cfg.policy, cfg.device)).to(cfg.device)
+    ref_lm = copy.deepcopy(model.lm).eval().requires_grad_(False)  # the frozen SFT weights
+    reward_model = RewardModel(load_lm(cfg.reward_model, cfg.device)).to(cfg.device)
+    load_head(reward_model, cfg.reward_model)
+    reward_model.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    kl_coef, start_iteration = cfg.kl_coef, 0
+
+    if cfg.resume:
+        found = latest(out / "checkpoint")
+        if found is None:
+            raise ValueError(f"resume: no checkpoint in {out / 'checkpoint'}")
+        model.lm.load_state_dict(load_lm(found, cfg.device).state_dict())
+        load_head(model, found)
+        state = torch.load(found / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], generator)
+        kl_coef, start_iteration = state["kl_coef"], state["iteration"]
+    log = MetricsLog(out, resume_step=start_iteration if cfg.resume else None)
+
+    def save(iteration):
+        def write(directory):
+            save_with_head(model, tokenizer, directory)
+            torch.save({"iteration": iteration, "optimizer": optimizer.state_dict(),
+                        "rng": rng_state(generator), "kl_coef": kl_coef},
+                       directory / "trainer_state.pt")
+        save_atomic(out / "checkpoint", write)
+
+    for iteration in range(start_iteration, cfg.iterations):
+        t_start = time.perf_counter()
+        # 1. Rollout: sample prompts and generate with the current policy.
+        model.eval()
+        pick = torch.randint(len(prompts), (cfg.batch_size,), generator=generator).tolist()
+        prompt_batch = pack_prompts([prompts[i] for i in pick], tokenizer.pad_token_id)
+        batch = generate(model.lm, prompt_batch.to(cfg.device), max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                         generator=generator)
+        t_generate = time.perf_counter()
+        mask = batch.response_mask
+
+        # 2. Old log-probs and values, reference log-probs (cached for every epoch), scores.
+        model.train()
+        epoch_orders = [torch.randperm(cfg.batch_size, generator=generator)
+                        for _ in range(cfg.ppo_epochs)]
+        old_logprobs, old_values, ref_logprobs, scores, timings = rollout_forward(
+            model, ref_lm, reward_model, batch, epoch_orders[0], cfg)
+
+        # 3. Rewards and advantages.
+        rewards = kl_rewards(old_logprobs, ref_logprobs, scores, mask, kl_coef=kl_coef,
+                             estimator=cfg.kl_estimator)
+        advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        # 4. PPO epochs over mini-batches.
+        stats, first_ratio_error = [], None
+        for order in epoch_orders:
+            for i in range(0, cfg.batch_size, cfg.mini_batch_size):
+                idx = order[i:i + cfg.mini_batch_size]
+                mb = batch.select(idx)
+                logits, values = model(mb.input_ids, mb.attention_mask)
+                out_loss = ppo_loss(
+                    mb.response_logits(logits), mb.responses, old_logprobs[idx], advantages[idx],
+                    mb.response_mask, values=mb.response_logits(values[..., None])[..., 0],
+                    old_values=old_values[idx], returns=returns[idx], clip_eps=cfg.clip_eps,
+                    value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, entropy_coef=cfg.entropy_coef,
+                    temperature=cfg.temperature)
+                if first_ratio_error is None:  # the rollout/training agreement, measured
+                    first_ratio_error = math.sqrt(2 * out_loss.approx_kl.item())
+                if not torch.isfinite(out_loss.loss):
+                    raise RuntimeError(
+                        f"PPO loss is not finite at iteration {iteration} ({out_loss.loss.item()}); "
+                        f"stopping. The last good checkpoint is in {out / 'checkpoint'}")
+                optimizer.zero_grad(set_to_none=True)
+                out_loss.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                stats.append(out_loss)
+        t_end = time.perf_counter()
+
+        # 5. Log; adapt the KL coefficient; checkpoint.
+        lengths = mask.sum(-1).float()
+        kl = ((old_logprobs - ref_logprobs) * mask).sum(-1).mean().item()
+        mean = lambda name: sum(getattr(s, name).item() for s in stats) / len(stats)  # noqa: E731
+        row = {
+            "step": iteration, "score_mean": scores.mean().item(), "score_std": scores.std().item(),
+            "reward": (rewards * mask).sum(-1).mean().item(), "kl": kl, "kl_coef": kl_coef,
+            "entropy": mean("entropy"), "policy_loss": mean("policy_loss"),
+            "value_loss": mean("value_loss"), "clipfrac": mean("clipfrac"),
+            "approx_kl": mean("approx_kl"), "first_logratio_rms": first_ratio_error,
+            "explained_variance": explained_variance(old_values, returns, mask),
+            "response_length": lengths.mean().item(),
+            "tokens_per_s": lengths.sum().item() * (1 + cfg.ppo_epochs) / (t_end - t_start),
+            "time_generate": t_generate - t_start, "time_reference": timings["reference"],
+            "time_score": timings["score"],
+            "time_train": t_end - t_generate - timings["reference"] - timings["score"],
+            "peak_memory_mib": peak_memory_mib(cfg.device),
+        }
+        log.write(row)
+        print(f"\rppo {iteration + 1}/{cfg.iterations} score {row['score_mean']:+.3f} "
+              f"kl {kl:.3f} clipfrac {row['clipfrac']:.3f}", end="", flush=True)
+        if cfg.adaptive_kl:
+            error = max(-0.2, min(0.2, kl / cfg.kl_target - 1))
+            kl_coef *= 1 + error / cfg.kl_horizon
+        if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
+            save(iteration + 1)
+    print()
+    plot(log.path, out / "ppo.png", PLOT_KEYS, "PPO")
+    return out / "checkpoint"

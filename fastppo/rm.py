@@ -1,0 +1,79 @@
+"""Reward model: the SFT backbone plus a scalar head, trained on ranked pairs with
+-log sigmoid(r_chosen - r_rejected); reports held-out pairwise accuracy."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from fastppo.checkpoint import save_atomic
+from fastppo.config import RMConfig
+from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl
+from fastppo.metrics import MetricsLog, plot
+from fastppo.models import RewardModel, load_lm, save_with_head
+
+
+def _scores(rm, tokenizer, prompts, responses, device):
+    batch = pack(prompts, responses, tokenizer.pad_token_id).to(device)
+    return rm(batch.input_ids, batch.attention_mask)
+
+
+@torch.no_grad()
+def pairwise_accuracy(rm, tokenizer, prompts, chosen, rejected, device, batch_size=256) -> float:
+    wins = 0
+    for i in range(0, len(prompts), batch_size):
+        sl = slice(i, i + batch_size)
+        wins += int((_scores(rm, tokenizer, prompts[sl], chosen[sl], device)
+                     > _scores(rm, tokenizer, prompts[sl], rejected[sl], device)).sum())
+    return wins / len(prompts)
+
+
+def train_rm(cfg: RMConfig) -> tuple[Path, float]:
+    """Returns (checkpoint directory, held-out pairwise accuracy)."""
+    cfg.check()
+    rows = read_jsonl(cfg.data, "rm")
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    rm = RewardModel(load_lm(cfg.model, cfg.device)).to(cfg.device).train()
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    chosen = encode_responses(tokenizer, [r["chosen"] for r in rows])
+    rejected = encode_responses(tokenizer, [r["rejected"] for r in rows])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    n_eval = max(1, int(len(rows) * cfg.eval_fraction))
+    held, train = order[:n_eval], order[n_eval:]
+    if not train:
+        raise ValueError(f"{cfg.data}: too few pairs to hold out {cfg.eval_fraction:.0%} and train")
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr)
+    log = MetricsLog(cfg.out)
+    for step in range(cfg.steps):
+        start = time.perf_counter()
+        pick = [train[i] for i in torch.randint(len(train), (cfg.batch_size,),
+                                                generator=generator).tolist()]
+        p = [prompts[i] for i in pick]
+        margin = (_scores(rm, tokenizer, p, [chosen[i] for i in pick], cfg.device)
+                  - _scores(rm, tokenizer, p, [rejected[i] for i in pick], cfg.device))
+        loss = -F.logsigmoid(margin).mean()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"RM loss is not finite at step {step} ({loss.item()}); stopping")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        log.write({"step": step, "loss": loss.item(), "train_accuracy": (margin > 0).float().mean().item(),
+                   "pairs_per_s": len(pick) / (time.perf_counter() - start)})
+    rm.eval()
+    accuracy = pairwise_accuracy(rm, tokenizer, [prompts[i] for i in held], [chosen[i] for i in held],
+                                 [rejected[i] for i in held], cfg.device)
+    log.write({"step": cfg.steps, "eval_accuracy": accuracy})
+    checkpoint = Path(cfg.out) / "checkpoint"
+
+    def write(directory):
+        save_with_head(rm, tokenizer, directory)
+        torch.save({"step": cfg.steps, "optimizer": optimizer.state_dict(),
+                    "eval_accuracy": accuracy}, directory / "trainer_state.pt")
+    save_atomic(checkpoint, write)
+    plot(log.path, Path(cfg.out) / "rm.png", ["loss", "train_accuracy"], "reward model")
+    return checkpoint, accuracy

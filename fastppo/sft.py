@@ -1,0 +1,56 @@
+"""Supervised fine-tuning: cross-entropy on the response tokens, through fastppo.kernels."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from fastppo.checkpoint import save_atomic
+from fastppo.config import SFTConfig
+from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl
+from fastppo.kernels import token_logprobs
+from fastppo.metrics import MetricsLog, plot
+from fastppo.models import lm_logits, load_lm
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Returns the checkpoint directory (a Hugging Face model directory)."""
+    cfg.check()
+    rows = read_jsonl(cfg.data, "sft")
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    lm = load_lm(cfg.model, cfg.device).train()
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    responses = encode_responses(tokenizer, [r["response"] for r in rows])
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    log = MetricsLog(cfg.out)
+    for step in range(cfg.steps):
+        start = time.perf_counter()
+        pick = torch.randint(len(rows), (cfg.batch_size,), generator=generator).tolist()
+        batch = pack([prompts[i] for i in pick], [responses[i] for i in pick],
+                     tokenizer.pad_token_id).to(cfg.device)
+        logits = lm_logits(lm, batch.input_ids, batch.attention_mask)
+        labels = batch.responses.masked_fill(~batch.response_mask, -100)
+        logprobs = token_logprobs(batch.response_logits(logits), labels, validate=False)
+        loss = -logprobs.sum() / batch.response_mask.sum()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"SFT loss is not finite at step {step} ({loss.item()}); stopping")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        tokens = int(batch.response_mask.sum())
+        log.write({"step": step, "loss": loss.item(),
+                   "tokens_per_s": tokens / (time.perf_counter() - start)})
+    checkpoint = Path(cfg.out) / "checkpoint"
+
+    def write(directory):
+        lm.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+        torch.save({"step": cfg.steps, "optimizer": optimizer.state_dict()},
+                   directory / "trainer_state.pt")
+    save_atomic(checkpoint, write)
+    plot(log.path, Path(cfg.out) / "sft.png", ["loss"], "SFT")
+    return checkpoint

@@ -12,7 +12,6 @@ mini-batches as the first epoch), not from the sampler: the first mini-batch see
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 
@@ -103,7 +102,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
 
     for iteration in range(start_iteration, cfg.iterations):
         t_start = time.perf_counter()
-        # 1. Rollout: sample prompts and generate with the current policy.
+        # 1. Rollout: sample prompts and generate with the current policy. The model stays in eval
+        # mode throughout, training included: dropout would make the rollout's log-probs disagree
+        # with training's (gradients flow all the same).
         model.eval()
         pick = torch.randint(len(prompts), (cfg.batch_size,), generator=generator).tolist()
         prompt_batch = pack_prompts([prompts[i] for i in pick], tokenizer.pad_token_id)
@@ -115,7 +116,6 @@ def train_ppo(cfg: PPOConfig) -> Path:
         mask = batch.response_mask
 
         # 2. Old log-probs and values, reference log-probs (cached for every epoch), scores.
-        model.train()
         epoch_orders = [torch.randperm(cfg.batch_size, generator=generator)
                         for _ in range(cfg.ppo_epochs)]
         old_logprobs, old_values, ref_logprobs, scores, timings = rollout_forward(
@@ -141,8 +141,12 @@ def train_ppo(cfg: PPOConfig) -> Path:
                     old_values=old_values[idx], returns=returns[idx], clip_eps=cfg.clip_eps,
                     value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, entropy_coef=cfg.entropy_coef,
                     temperature=cfg.temperature)
-                if first_ratio_error is None:  # the rollout/training agreement, measured
-                    first_ratio_error = math.sqrt(2 * out_loss.approx_kl.item())
+                if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
+                    with torch.no_grad():
+                        lp = token_logprobs(mb.response_logits(logits), mb.responses.masked_fill(
+                            ~mb.response_mask, -100), temperature=cfg.temperature, validate=False)
+                        ratio = torch.exp(lp - old_logprobs[idx])[mb.response_mask]
+                        first_ratio_error = (ratio - 1).abs().max().item()
                 if not torch.isfinite(out_loss.loss):
                     raise RuntimeError(
                         f"PPO loss is not finite at iteration {iteration} ({out_loss.loss.item()}); "
@@ -163,7 +167,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
             "reward": (rewards * mask).sum(-1).mean().item(), "kl": kl, "kl_coef": kl_coef,
             "entropy": mean("entropy"), "policy_loss": mean("policy_loss"),
             "value_loss": mean("value_loss"), "clipfrac": mean("clipfrac"),
-            "approx_kl": mean("approx_kl"), "first_logratio_rms": first_ratio_error,
+            "approx_kl": mean("approx_kl"), "first_ratio_max_error": first_ratio_error,
             "explained_variance": explained_variance(old_values, returns, mask),
             "response_length": lengths.mean().item(),
             "tokens_per_s": lengths.sum().item() * (1 + cfg.ppo_epochs) / (t_end - t_start),

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from fastppo.checkpoint import latest, rng_state, save_atomic, set_rng_state
@@ -100,7 +101,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
                        directory / "trainer_state.pt")
         save_atomic(out / "checkpoint", write)
 
-    for iteration in range(start_iteration, cfg.iterations):
+    progress = tqdm(range(start_iteration, cfg.iterations), desc="ppo", initial=start_iteration,
+                    total=cfg.iterations, disable=None)
+    for iteration in progress:
         t_start = time.perf_counter()
         # 1. Rollout: sample prompts and generate with the current policy. The model stays in eval
         # mode throughout, training included: dropout would make the rollout's log-probs disagree
@@ -177,13 +180,13 @@ def train_ppo(cfg: PPOConfig) -> Path:
             "peak_memory_mib": peak_memory_mib(cfg.device),
         }
         log.write(row)
-        print(f"\rppo {iteration + 1}/{cfg.iterations} score {row['score_mean']:+.3f} "
-              f"kl {kl:.3f} clipfrac {row['clipfrac']:.3f}", end="", flush=True)
+        progress.set_postfix(score=f"{row['score_mean']:+.3f}", kl=f"{kl:.3f}",
+                             clipfrac=f"{row['clipfrac']:.3f}")
         if cfg.adaptive_kl:
             error = max(-0.2, min(0.2, kl / cfg.kl_target - 1))
             kl_coef *= 1 + error / cfg.kl_horizon
         if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
             save(iteration + 1)
-    print()
+    progress.close()
     plot(log.path, out / "ppo.png", PLOT_KEYS, "PPO")
     return out / "checkpoint"

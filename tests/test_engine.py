@@ -222,3 +222,27 @@ def test_other_model_families(small_run, tmp_path, family):
     row = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["first_ratio_max_error"] <= 1e-5
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "ppo" / "checkpoint").config.model_type == family
+
+
+def test_sampling_filters():
+    from fastppo.generate import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, 2, 1.0)).tolist() == [[True, True, False, False]]
+    # top-p keeps the smallest set whose mass reaches p: 0.5 + 0.3 >= 0.7
+    assert torch.isfinite(filter_logits(logits, 0, 0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, 0, 0.1)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, 0, 1.0)).all()
+
+
+def test_adaptive_kl_controller_moves_the_coefficient(small_run, tmp_path):
+    # Proportional controller: kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) / horizon.
+    out, _ = small_run
+    ppo.train_ppo(ppo_config(out, tmp_path / "akl", iterations=3, adaptive_kl=True, kl_target=0.5,
+                             kl_horizon=2))
+    rows = [json.loads(line) for line in (tmp_path / "akl" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl_coef"] == PPOConfig.kl_coef
+    for before, after in zip(rows, rows[1:]):
+        error = max(-0.2, min(0.2, before["kl"] / 0.5 - 1))
+        assert after["kl_coef"] == pytest.approx(before["kl_coef"] * (1 + error / 2), rel=1e-12)
+        assert after["kl_coef"] != before["kl_coef"]

@@ -45,3 +45,11 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     generator.set_state(state["generator"])
+
+
+def resume_from(out) -> tuple[Path, dict]:
+    """(checkpoint directory, trainer state) of the run in `out`, for --resume."""
+    found = latest(Path(out) / "checkpoint")
+    if found is None:
+        raise ValueError(f"resume: no checkpoint in {Path(out) / 'checkpoint'}")
+    return found, torch.load(found / "trainer_state.pt", weights_only=False)

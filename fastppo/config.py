@@ -25,6 +25,10 @@ class SFTConfig:
     """Sequences per step."""
     lr: float = 3e-3
     """AdamW learning rate."""
+    save_every: int = 100
+    """Checkpoint every this many steps (and at the end)."""
+    resume: bool = False
+    """Continue from the checkpoint in `out`."""
     seed: int = 0
     """Seed of every random choice (data order, initialisation of heads)."""
     device: str = "cpu"
@@ -32,6 +36,7 @@ class SFTConfig:
 
     def check(self) -> "SFTConfig":
         _require(self.steps >= 1, f"steps must be >= 1; got {self.steps}")
+        _require(self.save_every >= 1, f"save_every must be >= 1; got {self.save_every}")
         _require(self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}")
         _require(self.lr > 0, f"lr must be > 0; got {self.lr}")
         return self
@@ -53,6 +58,10 @@ class RMConfig:
     """AdamW learning rate."""
     eval_fraction: float = 0.1
     """Fraction of the pairs held out to measure pairwise accuracy."""
+    save_every: int = 100
+    """Checkpoint every this many steps (and at the end)."""
+    resume: bool = False
+    """Continue from the checkpoint in `out`."""
     seed: int = 0
     """Seed of every random choice."""
     device: str = "cpu"
@@ -63,6 +72,7 @@ class RMConfig:
         _require(self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}")
         _require(self.lr > 0, f"lr must be > 0; got {self.lr}")
         _require(0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1); got {self.eval_fraction}")
+        _require(self.save_every >= 1, f"save_every must be >= 1; got {self.save_every}")
         return self
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from fastppo import task
 from fastppo.config import PPOConfig, RMConfig, SFTConfig
-from fastppo.data import encode_prompts, pack_prompts, write_jsonl
+from fastppo.data import encode_prompts, pack_prompts, read_jsonl, write_jsonl
 from fastppo.generate import generate
 from fastppo.kernels import token_logprobs
 from fastppo.models import lm_logits, load_lm, tiny_llama
@@ -44,18 +44,44 @@ class PipelineConfig:
     """Seed of every random choice."""
     device: str = "cpu"
     """Torch device."""
+    sft: dict = field(default_factory=dict)
+    """Other SFTConfig fields for the SFT stage, e.g. {"lr": 0.001, "batch_size": 16}."""
+    rm: dict = field(default_factory=dict)
+    """Other RMConfig fields for the reward-model stage."""
+    ppo: dict = field(default_factory=dict)
+    """Other PPOConfig fields for the PPO stage, e.g. {"kl_coef": 0.1, "top_p": 0.9}."""
 
 
-def run_pipeline(cfg: PipelineConfig, *, ppo_overrides: dict | None = None) -> dict:
+def _stage(cls, overrides: dict, stage: str, **wired):
+    """The stage's config: what the pipeline wires, plus the user's overrides of other fields."""
+    names = {f.name for f in fields(cls)}
+    for key in overrides:
+        if key not in names or key in wired:
+            raise ValueError(f"{stage}: {key!r} is not a {cls.__name__} field the pipeline lets you "
+                             f"set (the pipeline sets {', '.join(sorted(wired))})")
+    try:
+        return cls(**wired, **overrides).check()
+    except TypeError as e:
+        raise ValueError(f"{stage}: {e}") from None
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """SFT -> RM -> PPO. All three stage configs are built and checked before any work starts."""
     out = Path(cfg.out)
-    sft = train_sft(SFTConfig(data=cfg.sft_data, model=cfg.model, out=str(out / "sft"),
-                              steps=cfg.sft_steps, seed=cfg.seed, device=cfg.device))
-    rm, accuracy = train_rm(RMConfig(data=cfg.rm_data, model=str(sft), out=str(out / "rm"),
-                                     steps=cfg.rm_steps, seed=cfg.seed, device=cfg.device))
-    ppo_cfg = PPOConfig(prompts=cfg.prompts, policy=str(sft), reward_model=str(rm),
-                        out=str(out / "ppo"), iterations=cfg.ppo_iterations, seed=cfg.seed,
-                        device=cfg.device)
-    ppo = train_ppo(replace(ppo_cfg, **(ppo_overrides or {})))
+    common = dict(seed=cfg.seed, device=cfg.device)
+    sft_checkpoint, rm_checkpoint = out / "sft" / "checkpoint", out / "rm" / "checkpoint"
+    sft_cfg = _stage(SFTConfig, cfg.sft, "sft", data=cfg.sft_data, model=cfg.model,
+                     out=str(out / "sft"), steps=cfg.sft_steps, **common)
+    rm_cfg = _stage(RMConfig, cfg.rm, "rm", data=cfg.rm_data, model=str(sft_checkpoint),
+                    out=str(out / "rm"), steps=cfg.rm_steps, **common)
+    ppo_cfg = _stage(PPOConfig, cfg.ppo, "ppo", prompts=cfg.prompts, policy=str(sft_checkpoint),
+                     reward_model=str(rm_checkpoint), out=str(out / "ppo"),
+                     iterations=cfg.ppo_iterations, **common)
+    for path, kind in ((cfg.sft_data, "sft"), (cfg.rm_data, "rm"), (cfg.prompts, "ppo")):
+        read_jsonl(path, kind)  # a malformed line stops the pipeline before SFT, not after it
+    sft = train_sft(sft_cfg)
+    rm, accuracy = train_rm(rm_cfg)
+    ppo = train_ppo(ppo_cfg)
     return {"sft": sft, "rm": rm, "ppo": ppo, "rm_accuracy": accuracy}
 
 
@@ -104,9 +130,9 @@ def demo(out: str = "runs/demo", *, seed: int = 0, sft_steps: int = 250, rm_step
                          rm_data=str(data / "rm.jsonl"), prompts=str(data / "prompts.jsonl"),
                          out=str(out_dir), sft_steps=sft_steps, rm_steps=rm_steps,
                          ppo_iterations=ppo_iterations, seed=seed, device=device)
-    stages = run_pipeline(cfg, ppo_overrides=dict(max_new_tokens=max_words + 1, batch_size=64,
-                                                  mini_batch_size=32, kl_coef=0.05, lr=2e-3,
-                                                  save_every=10))
+    cfg.ppo = dict(max_new_tokens=max_words + 1, batch_size=64, mini_batch_size=32, kl_coef=0.05,
+                   lr=2e-3, save_every=10)
+    stages = run_pipeline(cfg)
     eval_prompts = [r["prompt"] for r in task.ppo_rows(256, seed + 3)]
     kwargs = dict(max_new_tokens=max_words + 1, seed=seed + 4, device=device)
     oracle_sft, _ = evaluate(stages["sft"], stages["sft"], eval_prompts, **kwargs)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from fastppo.checkpoint import latest, rng_state, save_atomic, set_rng_state
+from fastppo.checkpoint import resume_from, rng_state, save_atomic, set_rng_state
 from fastppo.config import PPOConfig
 from fastppo.data import encode_prompts, pack_prompts, read_jsonl
 from fastppo.generate import generate
@@ -82,12 +82,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
     kl_coef, start_iteration = cfg.kl_coef, 0
 
     if cfg.resume:
-        found = latest(out / "checkpoint")
-        if found is None:
-            raise ValueError(f"resume: no checkpoint in {out / 'checkpoint'}")
+        found, state = resume_from(out)
         model.lm.load_state_dict(load_lm(found, cfg.device).state_dict())
         load_head(model, found)
-        state = torch.load(found / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], generator)
         kl_coef, start_iteration = state["kl_coef"], state["iteration"]

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from fastppo.checkpoint import save_atomic
+from fastppo.checkpoint import resume_from, rng_state, save_atomic, set_rng_state
 from fastppo.config import RMConfig
 from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl
 from fastppo.metrics import MetricsLog, plot
-from fastppo.models import RewardModel, load_lm, save_with_head
+from fastppo.models import RewardModel, load_head, load_lm, save_with_head
 
 
 def _scores(rm, tokenizer, prompts, responses, device):
@@ -48,8 +48,25 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     if not train:
         raise ValueError(f"{cfg.data}: too few pairs to hold out {cfg.eval_fraction:.0%} and train")
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr)
-    log = MetricsLog(cfg.out)
-    for step in range(cfg.steps):
+    checkpoint, start_step = Path(cfg.out) / "checkpoint", 0
+    if cfg.resume:
+        found, state = resume_from(cfg.out)
+        rm.lm.load_state_dict(load_lm(found, cfg.device).state_dict())
+        load_head(rm, found)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], generator)
+        start_step = state["step"]
+    log = MetricsLog(cfg.out, resume_step=start_step if cfg.resume else None)
+
+    def save(step, accuracy=None):
+        def write(directory):
+            save_with_head(rm, tokenizer, directory)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                        "rng": rng_state(generator), "eval_accuracy": accuracy},
+                       directory / "trainer_state.pt")
+        save_atomic(checkpoint, write)
+
+    for step in range(start_step, cfg.steps):
         start = time.perf_counter()
         pick = [train[i] for i in torch.randint(len(train), (cfg.batch_size,),
                                                 generator=generator).tolist()]
@@ -58,22 +75,19 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
                   - _scores(rm, tokenizer, p, [rejected[i] for i in pick], cfg.device))
         loss = -F.logsigmoid(margin).mean()
         if not torch.isfinite(loss):
-            raise RuntimeError(f"RM loss is not finite at step {step} ({loss.item()}); stopping")
+            raise RuntimeError(f"RM loss is not finite at step {step} ({loss.item()}); stopping. "
+                               f"The last good checkpoint is in {checkpoint}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         log.write({"step": step, "loss": loss.item(), "train_accuracy": (margin > 0).float().mean().item(),
                    "pairs_per_s": len(pick) / (time.perf_counter() - start)})
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save(step + 1)
     rm.eval()
     accuracy = pairwise_accuracy(rm, tokenizer, [prompts[i] for i in held], [chosen[i] for i in held],
                                  [rejected[i] for i in held], cfg.device)
     log.write({"step": cfg.steps, "eval_accuracy": accuracy})
-    checkpoint = Path(cfg.out) / "checkpoint"
-
-    def write(directory):
-        save_with_head(rm, tokenizer, directory)
-        torch.save({"step": cfg.steps, "optimizer": optimizer.state_dict(),
-                    "eval_accuracy": accuracy}, directory / "trainer_state.pt")
-    save_atomic(checkpoint, write)
+    save(cfg.steps, accuracy)
     plot(log.path, Path(cfg.out) / "rm.png", ["loss", "train_accuracy"], "reward model")
     return checkpoint, accuracy

@@ -246,3 +246,48 @@ def test_adaptive_kl_controller_moves_the_coefficient(small_run, tmp_path):
         error = max(-0.2, min(0.2, before["kl"] / 0.5 - 1))
         assert after["kl_coef"] == pytest.approx(before["kl_coef"] * (1 + error / 2), rel=1e-12)
         assert after["kl_coef"] != before["kl_coef"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_sft_and_rm_resume_equal_uninterrupted(small_run, tmp_path, stage):
+    from fastppo.config import RMConfig, SFTConfig
+    from fastppo.rm import train_rm
+    from fastppo.sft import train_sft
+
+    out, _ = small_run
+    if stage == "sft":
+        make = lambda target, **kw: SFTConfig(  # noqa: E731
+            data=str(out / "data" / "sft.jsonl"), model=str(out / "base"), out=str(target),
+            batch_size=4, save_every=3, **kw)
+        train = train_sft
+    else:
+        make = lambda target, **kw: RMConfig(  # noqa: E731
+            data=str(out / "data" / "rm.jsonl"), model=str(out / "sft" / "checkpoint"),
+            out=str(target), batch_size=4, save_every=3, **kw)
+        train = train_rm
+    train(make(tmp_path / "straight", steps=6))
+    train(make(tmp_path / "resumed", steps=3))
+    train(make(tmp_path / "resumed", steps=6, resume=True))
+    rows = {}
+    for name in ("straight", "resumed"):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s")}
+                      for line in lines]
+    assert rows["resumed"] == rows["straight"]
+
+
+def test_pipeline_stage_overrides_are_checked(small_run, tmp_path):
+    from fastppo.pipeline import PipelineConfig, run_pipeline
+
+    out, _ = small_run
+    data = out / "data"
+    base = dict(model=str(out / "base"), sft_data=str(data / "sft.jsonl"),
+                rm_data=str(data / "rm.jsonl"), prompts=str(data / "prompts.jsonl"),
+                out=str(tmp_path), sft_steps=1, rm_steps=1, ppo_iterations=1)
+    with pytest.raises(ValueError, match="ppo: 'klcoef' is not a PPOConfig field"):
+        run_pipeline(PipelineConfig(**base, ppo={"klcoef": 0.1}))
+    with pytest.raises(ValueError, match="sft: 'data' is not a SFTConfig field the pipeline lets"):
+        run_pipeline(PipelineConfig(**base, sft={"data": "x"}))
+    with pytest.raises(ValueError, match="mini_batch_size \\(128\\) must not exceed"):
+        run_pipeline(PipelineConfig(**base, ppo={"mini_batch_size": 128}))
+    assert not (tmp_path / "sft").exists()  # refused before any work

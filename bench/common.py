@@ -1,0 +1,103 @@
+"""Shared by the benchmark scripts: timing (median and 20/80 quantiles, warm-up excluded; CUDA events
+on a GPU), peak memory, the machine's copy bandwidth, and the CSV every result is appended to."""
+from __future__ import annotations
+
+import csv
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("results")
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} cpu x{torch.get_num_threads()} threads"
+
+
+def git_revision() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent)
+    return out.stdout.strip() or "unknown"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: str, *, repeat: int, warmup: int = 2, setup=None) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of fn(); setup() runs untimed before each call."""
+    for _ in range(warmup):
+        state = setup() if setup else None
+        fn() if state is None else fn(state)
+    times = []
+    for _ in range(repeat):
+        state = setup() if setup else None
+        sync(device)
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn() if state is None else fn(state)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn() if state is None else fn(state)
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    return statistics.median(times), q[0], q[-1]
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def peak_mib(fn, device: str) -> float:
+    """Peak memory fn() adds above what is allocated when it starts (CUDA: allocator; CPU: RSS via
+    /proc/self/clear_refs, Linux)."""
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    fn()
+    return max(0.0, (_rss_kib("VmHWM") - base) / 1024)
+
+
+def copy_bandwidth_gbps(device: str, mib: int = 512) -> float:
+    """Bytes read + written per second by y.copy_(x) of `mib` MiB: the roofline's denominator."""
+    x = torch.randn(mib * 2**18, device=device)
+    y = torch.empty_like(x)
+    ms, _, _ = time_ms(lambda: y.copy_(x), device, repeat=7)
+    return 2 * x.numel() * 4 / (ms / 1e3) / 1e9
+
+
+def append_csv(name: str, rows: list[dict]) -> Path:
+    path = RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()

@@ -1,0 +1,84 @@
+"""End-to-end benchmark: PPO iterations on the fixed standard workload.
+
+    python bench/e2e.py [--iterations 3] [--device cpu]
+
+Workload: a Llama-style policy (hidden 256, 4 layers, 4 heads, intermediate 512, vocabulary 32000,
+random init) and a reward model of the same shape; 16 prompts of 16 tokens, responses of 32 tokens,
+4 PPO epochs, 2 mini-batches. Reports tokens/s, the time split (generate / reference / score / train)
+and peak memory per iteration (the first iteration is a warm-up and is not reported), appended to
+bench/results/e2e.csv. The TRL PPOTrainer side of the comparison is not implemented yet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from common import append_csv, device_name, git_revision, today
+from fastppo.config import PPOConfig
+from fastppo.data import write_jsonl
+from fastppo.models import RewardModel, save_with_head
+from fastppo.ppo import train_ppo
+
+VOCAB, PROMPT, RESPONSE, PROMPTS = 32000, 16, 32, 16
+
+
+def workload(root: Path, seed: int) -> tuple[Path, Path, Path]:
+    words = ["<pad>", "<unk>", "<bos>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 4)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                  bos_token="<bos>", eos_token="<eos>")
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(seed)
+    policy = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    policy.save_pretrained(root / "policy")
+    tok.save_pretrained(root / "policy")
+    save_with_head(RewardModel(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")),
+                   tok, root / "rm")
+    rng = random.Random(seed)
+    # 15 words + <bos> = 16 prompt tokens
+    rows = [{"prompt": " ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(PROMPT - 1))}
+            for _ in range(PROMPTS)]
+    write_jsonl(root / "prompts.jsonl", rows)
+    return root / "policy", root / "rm", root / "prompts.jsonl"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        policy, rm, prompts = workload(root, args.seed)
+        cfg = PPOConfig(prompts=str(prompts), policy=str(policy), reward_model=str(rm),
+                        out=str(root / "run"), iterations=args.iterations, batch_size=PROMPTS,
+                        mini_batch_size=PROMPTS // 2, ppo_epochs=4, max_new_tokens=RESPONSE,
+                        save_every=10**6, seed=args.seed, device=args.device)
+        train_ppo(cfg)
+        rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    measured = rows[1:] or rows
+    keys = ["tokens_per_s", "time_generate", "time_reference", "time_score", "time_train",
+            "peak_memory_mib", "response_length"]
+    result = {k: statistics.median(r[k] for r in measured) for k in keys}
+    print(f"fastppo, {device_name(args.device)}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    append_csv("e2e.csv", [dict(date=today(), rev=git_revision(), device=device_name(args.device),
+                                torch=torch.__version__, provider="fastppo",
+                                iterations=len(measured), **{k: f"{v:.4f}" for k, v in result.items()})])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,9 +18,7 @@ Byte floor: forward N*V*4 bytes read; backward N*V*4 read + N*V*4 written.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import os
 import platform
 import statistics
 import subprocess
@@ -30,22 +28,12 @@ from pathlib import Path
 
 import torch
 
+from common import _rss_kib, append_csv
 from fastppo import reference
 from fastppo.kernels import ppo_loss, token_logprobs
 from fastppo.kernels.token_logprobs import NativeTokenLogprobsFunction
 
 T = 0.7
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
 def providers(logits, labels, batch, entropy):
@@ -178,11 +166,11 @@ def timed(fn, repeat):
 
 
 def peak_extra_mib(fn):
-    base = rss_kib("VmRSS")
-    reset_peak()
+    base = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     res = fn()
     grad_bytes = res[0] if isinstance(res, tuple) else res
-    return max(0.0, (rss_kib("VmHWM") - base) / 1024 - (grad_bytes or 0) / 2**20)
+    return max(0.0, (_rss_kib("VmHWM") - base) / 1024 - (grad_bytes or 0) / 2**20)
 
 
 def main(argv=None):
@@ -232,14 +220,7 @@ def main(argv=None):
                          fwd_ms="" if f is None else f"{f[0] * 1e3:.2f}",
                          fwd_bwd_ms=f"{fb[0] * 1e3:.2f}", fwd_bwd_p20_ms=f"{fb[1] * 1e3:.2f}",
                          fwd_bwd_p80_ms=f"{fb[2] * 1e3:.2f}", peak_extra_mib=f"{peak:.1f}"))
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    path = append_csv(args.csv, rows)
     print(f"appended {len(rows)} rows to {path}")
 
 

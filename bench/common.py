@@ -88,7 +88,8 @@ def copy_bandwidth_gbps(device: str, mib: int = 512) -> float:
 
 
 def append_csv(name: str, rows: list[dict]) -> Path:
-    path = RESULTS / name
+    """Append to bench/results/<name>, or to `name` itself when it is a path with a folder."""
+    path = Path(name) if Path(name).parent != Path(".") else RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a", newline="") as fh:

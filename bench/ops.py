@@ -25,7 +25,6 @@ import importlib
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from common import (append_csv, copy_bandwidth_gbps, device_name, git_revision, peak_mib, time_ms,
                     today)

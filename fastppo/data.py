@@ -71,9 +71,11 @@ class Batch:
     def responses(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_len:]
 
-    def response_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """The (B, R, V) view of logits that predicts the response tokens (no copy)."""
-        return logits[:, self.prompt_len - 1: -1]
+    @property
+    def response_positions(self) -> slice:
+        """The sequence positions whose outputs predict the response tokens: P-1 .. P+R-2. Models
+        compute logits (and values) only there (fastppo.models)."""
+        return slice(self.prompt_len - 1, self.input_ids.shape[1] - 1)
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device),

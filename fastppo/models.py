@@ -59,8 +59,10 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask):
-        hidden = backbone(self.lm, input_ids, attention_mask).last_hidden_state
+    def forward(self, input_ids, attention_mask, positions: slice = slice(None)):
+        """(logits, values) at `positions` only: the LM head, the largest matmul of a small model,
+        is not spent on prompt positions nobody reads."""
+        hidden = backbone(self.lm, input_ids, attention_mask).last_hidden_state[:, positions]
         logits = self.lm.get_output_embeddings()(hidden)
         values = self.value_head(hidden).squeeze(-1)
         return logits, values
@@ -97,6 +99,7 @@ def load_head(model: ActorCritic | RewardModel, directory) -> None:
     head.load_state_dict(load_file(f"{directory}/{HEAD_FILE}"))
 
 
-def lm_logits(lm, input_ids, attention_mask):
-    """The causal LM's logits with the position ids every fastppo forward uses."""
-    return lm.get_output_embeddings()(backbone(lm, input_ids, attention_mask).last_hidden_state)
+def lm_logits(lm, input_ids, attention_mask, positions: slice = slice(None)):
+    """The causal LM's logits at `positions`, with the position ids every fastppo forward uses."""
+    hidden = backbone(lm, input_ids, attention_mask).last_hidden_state[:, positions]
+    return lm.get_output_embeddings()(hidden)

@@ -96,10 +96,9 @@ def evaluate(policy_dir, reference_dir, prompts: list[str], *, max_new_tokens: i
                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                      generator=torch.Generator().manual_seed(seed))
     labels = batch.responses.masked_fill(~batch.response_mask, -100)
-    lp = token_logprobs(batch.response_logits(lm_logits(policy, batch.input_ids, batch.attention_mask)),
-                        labels)
-    ref = token_logprobs(batch.response_logits(lm_logits(reference, batch.input_ids,
-                                                         batch.attention_mask)), labels)
+    at = batch.response_positions
+    lp = token_logprobs(lm_logits(policy, batch.input_ids, batch.attention_mask, at), labels)
+    ref = token_logprobs(lm_logits(reference, batch.input_ids, batch.attention_mask, at), labels)
     texts = tokenizer.batch_decode(batch.responses.masked_fill(~batch.response_mask,
                                                                tokenizer.pad_token_id),
                                    skip_special_tokens=True)

@@ -49,14 +49,13 @@ def rollout_forward(model, ref_lm, reward_model, batch, order, cfg):
         idx = order[i:i + cfg.mini_batch_size]
         mb = batch.select(idx)
         labels = mb.responses.masked_fill(~mb.response_mask, -100)
-        logits, v = model(mb.input_ids, mb.attention_mask)
-        old_logprobs[idx] = token_logprobs(mb.response_logits(logits), labels,
-                                           temperature=cfg.temperature, validate=False)
-        values[idx] = mb.response_logits(v[..., None])[..., 0]
+        logits, values[idx] = model(mb.input_ids, mb.attention_mask, mb.response_positions)
+        old_logprobs[idx] = token_logprobs(logits, labels, temperature=cfg.temperature,
+                                           validate=False)
         t0 = time.perf_counter()
-        ref = lm_logits(ref_lm, mb.input_ids, mb.attention_mask)
-        ref_logprobs[idx] = token_logprobs(mb.response_logits(ref), labels,
-                                           temperature=cfg.temperature, validate=False)
+        ref = lm_logits(ref_lm, mb.input_ids, mb.attention_mask, mb.response_positions)
+        ref_logprobs[idx] = token_logprobs(ref, labels, temperature=cfg.temperature,
+                                           validate=False)
         t1 = time.perf_counter()
         scores[idx] = reward_model(mb.input_ids, mb.attention_mask).float()
         timings["reference"] += t1 - t0
@@ -134,16 +133,16 @@ def train_ppo(cfg: PPOConfig) -> Path:
             for i in range(0, cfg.batch_size, cfg.mini_batch_size):
                 idx = order[i:i + cfg.mini_batch_size]
                 mb = batch.select(idx)
-                logits, values = model(mb.input_ids, mb.attention_mask)
+                logits, values = model(mb.input_ids, mb.attention_mask, mb.response_positions)
                 out_loss = ppo_loss(
-                    mb.response_logits(logits), mb.responses, old_logprobs[idx], advantages[idx],
-                    mb.response_mask, values=mb.response_logits(values[..., None])[..., 0],
+                    logits, mb.responses, old_logprobs[idx], advantages[idx],
+                    mb.response_mask, values=values,
                     old_values=old_values[idx], returns=returns[idx], clip_eps=cfg.clip_eps,
                     value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, entropy_coef=cfg.entropy_coef,
                     temperature=cfg.temperature)
                 if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
                     with torch.no_grad():
-                        lp = token_logprobs(mb.response_logits(logits), mb.responses.masked_fill(
+                        lp = token_logprobs(logits, mb.responses.masked_fill(
                             ~mb.response_mask, -100), temperature=cfg.temperature, validate=False)
                         ratio = torch.exp(lp - old_logprobs[idx])[mb.response_mask]
                         first_ratio_error = (ratio - 1).abs().max().item()

@@ -48,9 +48,9 @@ def train_sft(cfg: SFTConfig) -> Path:
         pick = torch.randint(len(rows), (cfg.batch_size,), generator=generator).tolist()
         batch = pack([prompts[i] for i in pick], [responses[i] for i in pick],
                      tokenizer.pad_token_id).to(cfg.device)
-        logits = lm_logits(lm, batch.input_ids, batch.attention_mask)
+        logits = lm_logits(lm, batch.input_ids, batch.attention_mask, batch.response_positions)
         labels = batch.responses.masked_fill(~batch.response_mask, -100)
-        logprobs = token_logprobs(batch.response_logits(logits), labels, validate=False)
+        logprobs = token_logprobs(logits, labels, validate=False)
         loss = -logprobs.sum() / batch.response_mask.sum()
         if not torch.isfinite(loss):
             raise RuntimeError(f"SFT loss is not finite at step {step} ({loss.item()}); stopping. "

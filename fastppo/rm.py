@@ -47,7 +47,7 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     held, train = order[:n_eval], order[n_eval:]
     if not train:
         raise ValueError(f"{cfg.data}: too few pairs to hold out {cfg.eval_fraction:.0%} and train")
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, fused=True)
     checkpoint, start_step = Path(cfg.out) / "checkpoint", 0
     if cfg.resume:
         found, state = resume_from(cfg.out)

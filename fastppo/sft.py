@@ -24,7 +24,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     lm = load_lm(cfg.model, cfg.device).train()
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     responses = encode_responses(tokenizer, [r["response"] for r in rows])
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, fused=True)
     generator = torch.Generator().manual_seed(cfg.seed)
     checkpoint, start_step = Path(cfg.out) / "checkpoint", 0
     if cfg.resume:

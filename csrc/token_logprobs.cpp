@@ -1,4 +1,4 @@
-// Native CPU kernels for fastppo.kernels.token_logprobs (and through it ppo_loss).
+// Native CPU kernels for fastppo.kernels.token_logprobs and ppo_loss.
 //
 // Same math as kernels/token_logprobs.py, one row (token) at a time, rows spread over OpenMP threads,
 // the vocabulary loop vectorised with ATen's Vectorized<float> (AVX2 / AVX-512 chosen at build time).
@@ -216,7 +216,88 @@ void backward(torch::Tensor logits, torch::Tensor labels, torch::Tensor mx, torc
   });
 }
 
+// The per-token PPO terms, the same as kernels/ppo_loss.py's forward kernel after its vocabulary loop.
+// stats: (11, N) float32 with rows LP, ENTROPY (filled by the caller from forward()), then written
+// here: PG, VF, CLIPPED, VCLIPPED, LOSS, DLP (w * d loss / d lp), DV (w * d loss / d V). The clamps
+// pass gradient inside their closed range (as torch.clamp); the branch max/min does not take passes
+// none. Invalid tokens get zeros.
+void ppo_terms(torch::Tensor stats, torch::Tensor mask, torch::Tensor weights, torch::Tensor old_lp,
+               torch::Tensor adv, c10::optional<torch::Tensor> values,
+               c10::optional<torch::Tensor> old_values, c10::optional<torch::Tensor> returns,
+               c10::optional<torch::Tensor> ref_lp, bool has_clip, double clip_low, double clip_high,
+               bool has_dual_clip, double dual_clip, bool has_value_clip, double value_clip,
+               double vf_coef, double entropy_coef, double kl_coef, int64_t kl_estimator) {
+  enum { LP, ENT, PG, VF, CLIPPED, VCLIPPED, LOSS, DLP, DV };
+  const int64_t N = stats.size(1);
+  float* st = stats.data_ptr<float>();
+  auto row = [&](int r) { return st + r * N; };
+  const uint8_t* mk = mask.data_ptr<uint8_t>();
+  const float *w = weights.data_ptr<float>(), *olp = old_lp.data_ptr<float>(), *a = adv.data_ptr<float>();
+  const float* v = values ? values->data_ptr<float>() : nullptr;
+  const float* ov = old_values ? old_values->data_ptr<float>() : nullptr;
+  const float* ret = returns ? returns->data_ptr<float>() : nullptr;
+  const float* ref = ref_lp ? ref_lp->data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, 1024, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (!mk[t]) {
+        for (int r = PG; r <= DV; ++r) row(r)[t] = 0.f;
+        continue;
+      }
+      const float lp = row(LP)[t], A = a[t];
+      const float log_ratio = lp - olp[t];
+      const float ratio = std::exp(std::min(std::max(log_ratio, -20.f), 20.f));
+      const float ratio_grad = (log_ratio >= -20.f && log_ratio <= 20.f) ? ratio : 0.f;
+      float pg = -A * ratio, dpg = -A * ratio_grad, clipped = 0.f;
+      if (has_clip) {
+        const float pg_clip = -A * std::min(std::max(ratio, float(clip_low)), float(clip_high));
+        if (pg_clip > pg) {  // only outside [clip_low, clip_high]: zero gradient there
+          pg = pg_clip;
+          dpg = 0.f;
+          clipped = 1.f;
+        }
+      }
+      if (has_dual_clip && A < 0.f && -A * float(dual_clip) < pg) {
+        pg = -A * float(dual_clip);
+        dpg = 0.f;
+      }
+      float loss = pg - float(entropy_coef) * row(ENT)[t], dlp = dpg;
+      if (kl_estimator > 0) {
+        const float x = lp - ref[t];
+        const float k = kl_estimator == 1 ? x : kl_estimator == 2 ? 0.5f * x * x : std::exp(-x) - 1.f + x;
+        const float dk = kl_estimator == 1 ? 1.f : kl_estimator == 2 ? x : 1.f - std::exp(-x);
+        loss += float(kl_coef) * k;
+        dlp += float(kl_coef) * dk;
+      }
+      float vf = 0.f, dv = 0.f, vclipped = 0.f;
+      if (v) {
+        vf = (v[t] - ret[t]) * (v[t] - ret[t]);
+        dv = v[t] - ret[t];
+        if (has_value_clip) {
+          const float vc = std::min(std::max(v[t], ov[t] - float(value_clip)), ov[t] + float(value_clip));
+          const float vf_clip = (vc - ret[t]) * (vc - ret[t]);
+          if (vf_clip > vf) {  // only when V is outside old_V +- value_clip: zero gradient there
+            vf = vf_clip;
+            dv = 0.f;
+            vclipped = 1.f;
+          }
+        }
+        vf *= 0.5f;
+        loss += float(vf_coef) * vf;
+        dv *= float(vf_coef);
+      }
+      row(PG)[t] = pg;
+      row(VF)[t] = vf;
+      row(CLIPPED)[t] = clipped;
+      row(VCLIPPED)[t] = vclipped;
+      row(LOSS)[t] = loss;
+      row(DLP)[t] = w[t] * dlp;
+      row(DV)[t] = w[t] * dv;
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "token_logprobs forward (CPU)");
   m.def("backward", &backward, "token_logprobs backward (CPU)");
+  m.def("ppo_terms", &ppo_terms, "ppo_loss per-token terms (CPU)");
 }

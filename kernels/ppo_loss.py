@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from fastppo import chunked, reference
+from fastppo import chunked, native, reference
 from fastppo.checks import (check_choice, check_mask, check_per_token, check_real, check_same_device,
                             check_token_inputs, resolve_backend)
 from fastppo.kernels._triton import tl, triton
 from fastppo.kernels.kl import ESTIMATORS, kl_term, kl_term_grad
-from fastppo.kernels.token_logprobs import (NativeTokenLogprobsFunction, _launch_config,
-                                            _reference_rows, gradient_buffer, row_logsumexp,
-                                            row_softmax_grad)
+from fastppo.kernels.token_logprobs import (_launch_config, _reference_rows, gradient_buffer,
+                                            row_logsumexp, row_softmax_grad)
 from fastppo.layout import as_outer_inner
 from fastppo.reference import REDUCTIONS, PPOLossOutput, reduction_weights
 
@@ -215,6 +214,57 @@ class PPOLossFunction(torch.autograd.Function):
         return (grad, grad_values) + (None,) * 9
 
 
+class NativePPOLossFunction(torch.autograd.Function):
+    """The C++ kernels (csrc/token_logprobs.cpp) on CPU: the vocabulary passes of token_logprobs, then
+    the per-token PPO terms; backward is the native softmax-gradient pass with the stored
+    d loss / d lp. Same contract and per-token buffer as PPOLossFunction."""
+
+    @staticmethod
+    def forward(ctx, logits, values, labels, mask, weights, old_lp, adv, old_values, returns, ref_lp,
+                opts):
+        x3 = as_outer_inner(logits)
+        if x3 is None:  # rows need more than two strides: one copy
+            x3 = logits.reshape(1, -1, logits.shape[-1])
+        module = native.module()
+        labels = labels.reshape(-1).long().contiguous()
+        f = lambda t: None if t is None else t.reshape(-1).float().contiguous()  # noqa: E731
+        stats = torch.empty((11, labels.numel()), dtype=torch.float32)
+        stats[int(LP)], stats[int(ENTROPY)], stats[int(MAX)], stats[int(LOGSUM)] = module.forward(
+            x3, labels, opts["temperature"], -100, True)
+        mask, weights = f(mask.to(torch.uint8)).to(torch.uint8), f(weights)
+        module.ppo_terms(
+            stats, mask, weights, f(old_lp), f(adv), f(values), f(old_values), f(returns), f(ref_lp),
+            opts["clip_eps"] is not None, opts["clip_low"], opts["clip_high"],
+            opts["dual_clip"] is not None, opts["dual_clip"] or 0.0,
+            values is not None and opts["value_clip"] is not None, opts["value_clip"] or 0.0,
+            opts["vf_coef"], opts["entropy_coef"], opts["kl_coef"],
+            ESTIMATORS.index(opts["kl_estimator"]) + 1 if opts["kl_coef"] else 0)
+        loss = (weights.double() * stats[int(LOSS)].double()).sum().float()
+        ctx.save_for_backward(x3, labels, weights, stats)
+        ctx.opts, ctx.shape = opts, logits.shape
+        ctx.logits = logits if opts["inplace_backward"] else None
+        ctx.values_meta = None if values is None else (values.shape, values.dtype)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        x3, labels, weights, stats = ctx.saved_tensors
+        opts = ctx.opts
+        g = grad_loss.float()
+        grad3, grad = gradient_buffer(x3, ctx.logits, ctx.shape, opts["inplace_backward"])
+        has_entropy = opts["entropy_coef"] != 0.0
+        g_h = -g * opts["entropy_coef"] * weights if has_entropy else weights
+        native.module().backward(x3, labels, stats[int(MAX)], stats[int(LOGSUM)], stats[int(ENTROPY)],
+                                 (g * stats[int(DLP)]).contiguous(), g_h.contiguous(), grad3,
+                                 opts["temperature"], -100, has_entropy)
+        grad_values = None
+        if ctx.values_meta is not None:
+            shape, dtype = ctx.values_meta
+            grad_values = (g * stats[int(DV)]).to(dtype).view(shape)
+        return (grad, grad_values) + (None,) * 9
+
+
 def _storage_owner(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose storage a view shares (itself when it is not a view)."""
     while t._base is not None:
@@ -331,25 +381,20 @@ def ppo_loss(
                  value_clip=opts["value_clip"], vf_coef=opts["vf_coef"],
                  entropy_coef=opts["entropy_coef"], ref_logprobs=ref_logprobs,
                  kl_coef=opts["kl_coef"], kl_estimator=kl_estimator, reduction=reduction)
-    if backend in ("torch", "native"):
-        # The log-probs and entropies come from the chunked reference or the C++ kernels (which own
-        # every pass over the logits); the per-token terms, O(N), are the reference's, under autograd.
-        if backend == "native":
-            lp, entropy = NativeTokenLogprobsFunction.apply(logits, labels, temperature, -100, True,
-                                                            inplace_backward)
-            lp, entropy = lp.view(labels.shape), entropy.view(labels.shape)
-        else:
-            fn = lambda x, y: _reference_rows(x, y, temperature=temperature,  # noqa: E731
-                                              ignore_index=-100, return_entropy=True)
-            lp, entropy = chunked.rowwise(fn, logits, labels)
+    if backend == "torch":
+        # The chunked reference's log-probs and entropies, then the reference's per-token terms.
+        fn = lambda x, y: _reference_rows(x, y, temperature=temperature,  # noqa: E731
+                                          ignore_index=-100, return_entropy=True)
+        lp, entropy = chunked.rowwise(fn, logits, labels)
         return reference.ppo_loss_from_logprobs(lp, entropy, old_logprobs, advantages, mask, **terms)
 
     weights = reduction_weights(mask, reduction).float()
     high = opts["clip_eps"] if opts["clip_eps_high"] is None else opts["clip_eps_high"]
     opts.update(temperature=temperature, clip_low=1.0 - (opts["clip_eps"] or 0.0),
                 clip_high=1.0 + (high or 0.0))
-    loss, stats = PPOLossFunction.apply(logits, values, labels, mask, weights, old_logprobs,
-                                        advantages, old_values, returns, ref_logprobs, opts)
+    function = NativePPOLossFunction if backend == "native" else PPOLossFunction
+    loss, stats = function.apply(logits, values, labels, mask, weights, old_logprobs, advantages,
+                                 old_values, returns, ref_logprobs, opts)
     maskf = mask.reshape(-1).float()
     count = maskf.sum().clamp(min=1)
     token_mean = lambda t: (t * maskf).sum() / count  # noqa: E731

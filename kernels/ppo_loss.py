@@ -157,6 +157,18 @@ def _flat(t):
     return None if t is None else t.reshape(-1).contiguous()
 
 
+def _finish_forward(ctx, logits, values, weights, stats, opts, *saved):
+    """The loss sum(w * loss_t) from the per-token buffer, and what backward needs (saved tensors
+    first, then weights and the buffer)."""
+    loss = (weights.double() * stats[int(LOSS)].double()).sum().float()
+    ctx.save_for_backward(*saved, weights, stats)
+    ctx.opts, ctx.shape = opts, logits.shape
+    ctx.logits = logits if opts["inplace_backward"] else None
+    ctx.values_meta = None if values is None else (values.shape, values.dtype)
+    ctx.mark_non_differentiable(stats)
+    return loss, stats
+
+
 class PPOLossFunction(torch.autograd.Function):
     """Triton forward and backward. Returns (loss, per-token stats (11, N) float32)."""
 
@@ -185,13 +197,7 @@ class PPOLossFunction(torch.autograd.Function):
                 KL_ESTIMATOR=ESTIMATORS.index(opts["kl_estimator"]) + 1 if opts["kl_coef"] else 0,
                 BLOCK_V=block, num_warps=warps,
             )
-        loss = (weights.double() * stats[int(LOSS)].double()).sum().float()
-        ctx.save_for_backward(x3, labels, mask, weights, stats)
-        ctx.opts, ctx.shape = opts, logits.shape
-        ctx.logits = logits if opts["inplace_backward"] else None
-        ctx.values_meta = None if values is None else (values.shape, values.dtype)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
+        return _finish_forward(ctx, logits, values, weights, stats, opts, x3, labels, mask)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
@@ -239,13 +245,7 @@ class NativePPOLossFunction(torch.autograd.Function):
             values is not None and opts["value_clip"] is not None, opts["value_clip"] or 0.0,
             opts["vf_coef"], opts["entropy_coef"], opts["kl_coef"],
             ESTIMATORS.index(opts["kl_estimator"]) + 1 if opts["kl_coef"] else 0)
-        loss = (weights.double() * stats[int(LOSS)].double()).sum().float()
-        ctx.save_for_backward(x3, labels, weights, stats)
-        ctx.opts, ctx.shape = opts, logits.shape
-        ctx.logits = logits if opts["inplace_backward"] else None
-        ctx.values_meta = None if values is None else (values.shape, values.dtype)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
+        return _finish_forward(ctx, logits, values, weights, stats, opts, x3, labels)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):

@@ -5,7 +5,7 @@
 Workload: a Llama-style policy (hidden 256, 4 layers, 4 heads, intermediate 512, vocabulary 32000,
 random init) and a reward model of the same shape; 16 prompts of 16 tokens, responses of 32 tokens,
 4 PPO epochs, 2 mini-batches. Reports tokens/s, the time split (generate / reference / score / train)
-and peak memory per iteration (the first iteration is a warm-up and is not reported), appended to
+and peak memory (per-iteration peak RSS on CPU) per iteration (the first iteration is a warm-up and is not reported), appended to
 bench/results/e2e.csv. The TRL PPOTrainer side of the comparison is not implemented yet.
 """
 from __future__ import annotations

@@ -8,9 +8,27 @@ from pathlib import Path
 import torch
 
 
+def reset_peak_memory(device) -> None:
+    """Start a new peak-memory window (CUDA: the allocator's peak; Linux CPU: the process's peak RSS)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:  # not Linux: peak_memory_mib falls back to the whole run's peak
+        pass
+
+
 def peak_memory_mib(device) -> float:
+    """Peak memory since reset_peak_memory: CUDA allocated bytes, or the CPU process's peak RSS."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

@@ -24,7 +24,7 @@ from fastppo.config import PPOConfig
 from fastppo.data import encode_prompts, pack_prompts, read_jsonl
 from fastppo.generate import generate
 from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logprobs
-from fastppo.metrics import MetricsLog, peak_memory_mib, plot
+from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
 from fastppo.models import ActorCritic, RewardModel, load_head, load_lm, lm_logits, save_with_head
 
 PLOT_KEYS = ["score_mean", "kl", "reward", "entropy", "value_loss", "clipfrac"]
@@ -100,6 +100,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
     progress = tqdm(range(start_iteration, cfg.iterations), desc="ppo", initial=start_iteration,
                     total=cfg.iterations, disable=None)
     for iteration in progress:
+        reset_peak_memory(cfg.device)  # peak_memory_mib is per iteration
         t_start = time.perf_counter()
         # 1. Rollout: sample prompts and generate with the current policy. The model stays in eval
         # mode throughout, training included: dropout would make the rollout's log-probs disagree

@@ -296,7 +296,61 @@ void ppo_terms(torch::Tensor stats, torch::Tensor mask, torch::Tensor weights, t
   });
 }
 
+// GAE over each row's valid positions (kernels/gae.py has the math): one thread per row, right to
+// left. rewards, values: (B, T) float32; mask: (B, T) uint8. Returns (advantages, returns), float32.
+std::vector<torch::Tensor> gae_forward(torch::Tensor rewards, torch::Tensor values, torch::Tensor mask,
+                                       double gamma, double lam) {
+  const int64_t B = rewards.size(0), T = rewards.size(1);
+  auto adv = torch::zeros_like(rewards), ret = torch::zeros_like(rewards);
+  const float *r = rewards.data_ptr<float>(), *v = values.data_ptr<float>();
+  const uint8_t* mk = mask.data_ptr<uint8_t>();
+  float *pa = adv.data_ptr<float>(), *pr = ret.data_ptr<float>();
+  const float g = float(gamma), gl = float(gamma * lam);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float next_value = 0.f, next_adv = 0.f;
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t i = b * T + t;
+        if (!mk[i]) continue;  // holes are skipped, not read as zeros
+        next_adv = r[i] + g * next_value - v[i] + gl * next_adv;
+        next_value = v[i];
+        pa[i] = next_adv;
+        pr[i] = next_adv + v[i];
+      }
+    }
+  });
+  return {adv, ret};
+}
+
+// Its backward: with u = g_A + g_R, g_delta_j = u_j + gamma lam g_delta_prev(j) (left to right),
+// g_r = g_delta, g_V_j = -g_delta_j + gamma g_delta_prev(j) + g_R_j, all over valid positions.
+std::vector<torch::Tensor> gae_backward(torch::Tensor grad_adv, torch::Tensor grad_ret,
+                                        torch::Tensor mask, double gamma, double lam) {
+  const int64_t B = grad_adv.size(0), T = grad_adv.size(1);
+  auto g_r = torch::zeros_like(grad_adv), g_v = torch::zeros_like(grad_adv);
+  const float *ga = grad_adv.data_ptr<float>(), *gr = grad_ret.data_ptr<float>();
+  const uint8_t* mk = mask.data_ptr<uint8_t>();
+  float *pgr = g_r.data_ptr<float>(), *pgv = g_v.data_ptr<float>();
+  const float g = float(gamma), gl = float(gamma * lam);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float prev_delta = 0.f;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t i = b * T + t;
+        if (!mk[i]) continue;
+        const float g_delta = ga[i] + gr[i] + gl * prev_delta;
+        pgr[i] = g_delta;
+        pgv[i] = -g_delta + g * prev_delta + gr[i];
+        prev_delta = g_delta;
+      }
+    }
+  });
+  return {g_r, g_v};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gae_forward", &gae_forward, "GAE forward (CPU)");
+  m.def("gae_backward", &gae_backward, "GAE backward (CPU)");
   m.def("forward", &forward, "token_logprobs forward (CPU)");
   m.def("backward", &backward, "token_logprobs backward (CPU)");
   m.def("ppo_terms", &ppo_terms, "ppo_loss per-token terms (CPU)");

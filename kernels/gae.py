@@ -11,13 +11,14 @@ shifted by one: W_k = valid_{k+1} ? V_{k+1} : W_{k+1}. One program walks a row i
 carrying both scans' values into the block on its left, so the cost per token does not depend on T.
 
 Byte floor per token: reads r, V (float) and the mask byte; writes A and R (float32).
+On CPU, backend "native" runs the same recurrences as plain C++ loops, one thread per row.
 Backward (with respect to rewards and values) runs the same scans on time-reversed inputs.
 """
 from __future__ import annotations
 
 import torch
 
-from fastppo import reference
+from fastppo import native, reference
 from fastppo.checks import (check_mask, check_per_token, check_real, check_same_device,
                             check_time_dim, resolve_backend)
 from fastppo.kernels._triton import tl, triton
@@ -133,6 +134,31 @@ class _RewardToGo(torch.autograd.Function):
         return _forward_scan(grad.float(), mask, ctx.gamma).to(ctx.dtype), None, None
 
 
+class _NativeGAE(torch.autograd.Function):
+    """The C++ loops of csrc/token_logprobs.cpp (CPU): one thread per row, same math."""
+
+    @staticmethod
+    def forward(ctx, rewards, values, mask, gamma, lam):
+        T = mask.shape[-1]
+        shape2 = (mask.numel() // T if T else 0, T)  # (rows, T), empty batches included
+        rows = lambda t: t.reshape(shape2).float().contiguous()  # noqa: E731
+        m = mask.reshape(shape2).to(torch.uint8).contiguous()
+        adv, ret = native.module().gae_forward(rows(rewards), rows(values), m, gamma, lam)
+        ctx.save_for_backward(m)
+        ctx.gamma, ctx.lam, ctx.dtypes, ctx.shape = gamma, lam, (rewards.dtype, values.dtype), mask.shape
+        ctx.set_materialize_grads(False)
+        return adv.view(mask.shape), ret.view(mask.shape)
+
+    @staticmethod
+    def backward(ctx, grad_adv, grad_ret):
+        (m,) = ctx.saved_tensors
+        zero = torch.zeros(m.shape, dtype=torch.float32)
+        rows = lambda g: zero if g is None else g.reshape(m.shape).float().contiguous()  # noqa: E731
+        g_r, g_v = native.module().gae_backward(rows(grad_adv), rows(grad_ret), m, ctx.gamma, ctx.lam)
+        return (g_r.view(ctx.shape).to(ctx.dtypes[0]), g_v.view(ctx.shape).to(ctx.dtypes[1]),
+                None, None, None)
+
+
 def _check(rewards, values, mask, gamma, lam):
     check_time_dim("rewards", rewards)
     extra = {} if values is None else {"values": values}
@@ -152,9 +178,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     0 at invalid positions, and differentiable with respect to rewards and values.
     """
     gamma, lam = _check(rewards, values, mask, gamma, lam)
-    if resolve_backend(backend, rewards.device) == "torch":
+    backend = resolve_backend(backend, rewards.device, native_dtype=rewards.dtype)
+    if backend == "torch":
         adv, ret = reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
         return adv.float(), ret.float()
+    if backend == "native":
+        return _NativeGAE.apply(rewards, values, mask, gamma, lam)
     return _GAE.apply(rewards, values, mask, gamma, lam)
 
 
@@ -163,6 +192,9 @@ def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.
     """G_k = r_k + gamma * G_next over each row's valid positions (a discounted reverse cumulative
     sum that skips holes). float32, 0 at invalid positions, differentiable with respect to rewards."""
     gamma, _ = _check(rewards, None, mask, gamma, 1.0)
-    if resolve_backend(backend, rewards.device) == "torch":
+    backend = resolve_backend(backend, rewards.device, native_dtype=rewards.dtype)
+    if backend == "torch":
         return reference.reward_to_go(rewards, mask, gamma=gamma).float()
+    if backend == "native":  # GAE with V = 0 and lam = 1 is the reward-to-go
+        return _NativeGAE.apply(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[0]
     return _RewardToGo.apply(rewards, mask, gamma)

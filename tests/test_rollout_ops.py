@@ -17,7 +17,7 @@ from fastppo.kernels import gae, kl_penalty, kl_rewards, masked_whiten, reward_t
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "native", "torch"]  # "native": gae/reward_to_go in C++; others run as torch
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ESTIMATORS = ["k1", "k2", "k3"]
 # Inputs of every dtype are exactly representable in float32, and every op computes in float32, so

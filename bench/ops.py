@@ -150,6 +150,8 @@ def gae_providers(device):
     out = {}
     if device == "cuda":
         out["fastppo-triton"] = functools.partial(gae, gamma=1.0, lam=0.95, backend="triton")
+    if device == "cpu" and native.available():
+        out["fastppo-native"] = functools.partial(gae, gamma=1.0, lam=0.95, backend="native")
     out["fastppo-torch"] = functools.partial(gae, gamma=1.0, lam=0.95, backend="torch")
 
     def eager_loop(rewards, values, mask):  # the usual trainer loop (right padding assumed)

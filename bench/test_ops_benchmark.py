@@ -37,7 +37,7 @@ def test_token_logprobs_fwd_bwd(benchmark, logits_labels, provider, entropy):
     benchmark(fwd_bwd)
 
 
-@pytest.mark.parametrize("provider", ["fastppo-triton", "fastppo-torch", "eager"])
+@pytest.mark.parametrize("provider", ["fastppo-triton", "fastppo-native", "fastppo-torch", "eager"])
 def test_gae_fwd(benchmark, provider):
     providers = gae_providers(DEVICE)
     if provider not in providers:

@@ -64,9 +64,7 @@ class _Chunked(torch.autograd.Function):
 
 def _rows(x: torch.Tensor, args) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """x as an (outer, inner, V) view (a copy only if its rows need more than two strides)."""
-    x3 = as_outer_inner(x)
-    if x3 is None:
-        x3 = x.reshape(1, -1, x.shape[-1])
+    x3 = as_outer_inner(x)  # a view, or one copy if the rows need 3+ strides
     return x3, [a.reshape(x3.shape[:2]) for a in args]
 
 

@@ -23,12 +23,12 @@ def collapse_rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
     return sizes or [1], strides or [0]
 
 
-def as_outer_inner(x: torch.Tensor) -> torch.Tensor | None:
-    """View a (..., V) tensor with a contiguous last dim as (outer, inner, V), or None if it needs
-    more than two strided row dimensions (then the caller copies)."""
+def as_outer_inner(x: torch.Tensor) -> torch.Tensor:
+    """A (..., V) tensor with a contiguous last dim as (outer, inner, V): a view when its rows need at
+    most two strides (every contiguous tensor, `logits[:, :-1]`), else one contiguous copy."""
     sizes, strides = collapse_rows(x)
     if len(sizes) > 2:
-        return None
+        return x.reshape(1, -1, x.shape[-1])
     if len(sizes) == 1:
         sizes, strides = [1] + sizes, [0] + strides
     return x.as_strided((sizes[0], sizes[1], x.shape[-1]), (strides[0], strides[1], 1))

@@ -175,11 +175,9 @@ class PPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, values, labels, mask, weights, old_lp, adv, old_values, returns, ref_lp,
                 opts):
-        x3 = as_outer_inner(logits)
-        if x3 is None:  # rows need more than two strides: one copy
-            x3 = logits.reshape(1, -1, logits.shape[-1])
+        x3 = as_outer_inner(logits)  # a view, or one copy if the rows need 3+ strides
         n, V = labels.numel(), logits.shape[-1]
-        stats = torch.zeros((11, n), dtype=torch.float32, device=logits.device)
+        stats = torch.empty((11, n), dtype=torch.float32, device=logits.device)  # all rows written
         labels, mask, weights = _flat(labels), _flat(mask).view(torch.uint8), _flat(weights)
         if n:
             block, warps = _launch_config(V)
@@ -228,9 +226,7 @@ class NativePPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, values, labels, mask, weights, old_lp, adv, old_values, returns, ref_lp,
                 opts):
-        x3 = as_outer_inner(logits)
-        if x3 is None:  # rows need more than two strides: one copy
-            x3 = logits.reshape(1, -1, logits.shape[-1])
+        x3 = as_outer_inner(logits)  # a view, or one copy if the rows need 3+ strides
         module = native.module()
         labels = labels.reshape(-1).long().contiguous()
         f = lambda t: None if t is None else t.reshape(-1).float().contiguous()  # noqa: E731

@@ -182,9 +182,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, return_entropy):
-        x3 = as_outer_inner(logits)
-        if x3 is None:  # rows need more than two strides: one copy (documented in token_logprobs)
-            x3 = logits.reshape(1, -1, logits.shape[-1])
+        x3 = as_outer_inner(logits)  # a view, or one copy if the rows need 3+ strides
         labels = labels.reshape(-1)
         logprobs, entropy, row_max, log_sum = _forward(x3, labels, temperature, ignore_index,
                                                        return_entropy)
@@ -225,9 +223,7 @@ class NativeTokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, inplace=False):
-        x3 = as_outer_inner(logits)
-        if x3 is None:  # rows need more than two strides: one copy
-            x3 = logits.reshape(1, -1, logits.shape[-1])
+        x3 = as_outer_inner(logits)  # a view, or one copy if the rows need 3+ strides
         labels = labels.reshape(-1).long().contiguous()
         logprobs, entropy, row_max, log_sum = native.module().forward(
             x3, labels, temperature, ignore_index, return_entropy)

@@ -235,6 +235,35 @@ def test_sampling_filters():
     assert torch.isfinite(filter_logits(logits, 0, 1.0)).all()
 
 
+def test_sample_draws_from_the_distribution():
+    from fastppo.generate import sample
+
+    # zero-probability entries first, last and in the middle; 40000 draws of one distribution
+    p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    n = 40000
+    draws = sample(p.expand(n, -1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=len(p)).double()
+    assert counts[p == 0].sum() == 0
+    sigma = (n * p * (1 - p)).sqrt()
+    assert ((counts - n * p).abs() <= 5 * sigma + 1e-9).all(), counts.tolist()
+    # all the mass on the last / first entry; reproducible from the seed
+    one_hot = torch.zeros(3, 5)
+    one_hot[0, 4], one_hot[1, 0], one_hot[2, 2] = 1.0, 1.0, 1.0
+    assert sample(one_hot, torch.Generator().manual_seed(1)).tolist() == [4, 0, 2]
+    again = sample(p.expand(n, -1), torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_sample_never_picks_a_filtered_token():
+    from fastppo.generate import filter_logits, sample
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(512, 1000, generator=g) * 3
+    kept = torch.isfinite(filter_logits(logits, 50, 0.9))
+    draws = sample(torch.softmax(filter_logits(logits, 50, 0.9), -1), g)
+    assert kept.gather(1, draws[:, None]).all()
+
+
 def test_adaptive_kl_controller_moves_the_coefficient(small_run, tmp_path):
     # Proportional controller: kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) / horizon.
     out, _ = small_run

@@ -49,6 +49,12 @@ def backbone(lm, input_ids, attention_mask, **kwargs):
                          position_ids=position_ids, **kwargs)
 
 
+def hidden_at(lm, input_ids, attention_mask, positions: slice = slice(None)):
+    """The backbone's last hidden states at `positions`, contiguous: a strided (B, R, H) slice sends
+    the LM head to a batched matmul against an expanded weight, ~2x slower on CPU."""
+    return backbone(lm, input_ids, attention_mask).last_hidden_state[:, positions].contiguous()
+
+
 class ActorCritic(nn.Module):
     """The policy (the causal LM) and a value head on the same last hidden states."""
 
@@ -62,7 +68,7 @@ class ActorCritic(nn.Module):
     def forward(self, input_ids, attention_mask, positions: slice = slice(None)):
         """(logits, values) at `positions` only: the LM head, the largest matmul of a small model,
         is not spent on prompt positions nobody reads."""
-        hidden = backbone(self.lm, input_ids, attention_mask).last_hidden_state[:, positions]
+        hidden = hidden_at(self.lm, input_ids, attention_mask, positions)
         logits = self.lm.get_output_embeddings()(hidden)
         values = self.value_head(hidden).squeeze(-1)
         return logits, values
@@ -101,5 +107,4 @@ def load_head(model: ActorCritic | RewardModel, directory) -> None:
 
 def lm_logits(lm, input_ids, attention_mask, positions: slice = slice(None)):
     """The causal LM's logits at `positions`, with the position ids every fastppo forward uses."""
-    hidden = backbone(lm, input_ids, attention_mask).last_hidden_state[:, positions]
-    return lm.get_output_embeddings()(hidden)
+    return lm.get_output_embeddings()(hidden_at(lm, input_ids, attention_mask, positions))

@@ -6,7 +6,7 @@ Workload: a Llama-style policy (hidden 256, 4 layers, 4 heads, intermediate 512,
 random init) and a reward model of the same shape; 16 prompts of 16 tokens, responses of 32 tokens,
 4 PPO epochs, 2 mini-batches. Reports tokens/s, the time split (generate / reference / score / train)
 and peak memory (per-iteration peak RSS on CPU) per iteration (the first iteration is a warm-up and is not reported), appended to
-bench/results/e2e.csv. The TRL PPOTrainer side of the comparison is not implemented yet.
+bench/results/e2e.csv. bench/e2e_trl.py runs TRL's PPOTrainer on the same workload and prints the ratio.
 """
 from __future__ import annotations
 

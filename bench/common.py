@@ -22,9 +22,13 @@ def device_name(device: str) -> str:
 
 
 def git_revision() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent)
-    return out.stdout.strip() or "unknown"
+    """Short HEAD, with "-dirty" when tracked files (results aside) differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":!/bench/results")
+    return rev + "-dirty" if dirty else rev
 
 
 def sync(device: str) -> None:
@@ -88,15 +92,23 @@ def copy_bandwidth_gbps(device: str, mib: int = 512) -> float:
 
 
 def append_csv(name: str, rows: list[dict]) -> Path:
-    """Append to bench/results/<name>, or to `name` itself when it is a path with a folder."""
+    """Append to bench/results/<name>, or to `name` itself when it is a path with a folder. A row with
+    a column the file lacks rewrites the file with the union of the columns (old rows leave it blank)."""
     path = Path(name) if Path(name).parent != Path(".") else RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    old = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+    fields = list(old[0]) if old else []
+    fields += [k for row in rows for k in row if k not in fields]
+    if old and fields == list(old[0]):
+        with path.open("a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=fields).writerows(rows)
+        return path
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(old + rows)
+    tmp.replace(path)
     return path
 
 

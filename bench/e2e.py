@@ -5,7 +5,8 @@
 Workload: a Llama-style policy (hidden 256, 4 layers, 4 heads, intermediate 512, vocabulary 32000,
 random init) and a reward model of the same shape; 16 prompts of 16 tokens, responses of 32 tokens,
 4 PPO epochs, 2 mini-batches. Reports tokens/s, the time split (generate / reference / score / train)
-and peak memory (per-iteration peak RSS on CPU) per iteration (the first iteration is a warm-up and is not reported), appended to
+and peak memory (per-iteration peak RSS on CPU, and that peak minus the RSS at the iteration's
+start) per iteration (the first iteration is a warm-up and is not reported), appended to
 bench/results/e2e.csv. bench/e2e_trl.py runs TRL's PPOTrainer on the same workload and prints the ratio.
 """
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main(argv=None):
         rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     measured = rows[1:] or rows
     keys = ["tokens_per_s", "time_generate", "time_reference", "time_score", "time_train",
-            "peak_memory_mib", "response_length"]
+            "peak_memory_mib", "iteration_memory_mib", "response_length"]
     result = {k: statistics.median(r[k] for r in measured) for k in keys}
     print(f"fastppo, {device_name(args.device)}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     append_csv("e2e.csv", [dict(date=today(), rev=git_revision(), device=device_name(args.device),

@@ -7,7 +7,8 @@ last release that ships PPOTrainer, under trl.experimental.ppo), then runs the w
 the same model shapes (Llama hidden 256, 4 layers, 4 heads, intermediate 512, vocabulary 32000, random
 init; policy, reference, reward and value models), 16 prompts of 16 tokens, 32-token responses,
 4 PPO epochs, 2 mini-batches. Reports the median over PPO updates 2.. of the same tokens/s definition
-as fastppo's (response tokens x (1 + epochs) / update time) and of the per-update peak RSS, appends a row to
+as fastppo's (response tokens x (1 + epochs) / update time), of the per-update peak RSS and of that
+peak minus the RSS at the update's start, appends a row to
 bench/results/e2e.csv, and prints the ratio to the newest fastppo row of the same device.
 """
 from __future__ import annotations
@@ -54,19 +55,23 @@ WORKER = textwrap.dedent('''
     prompts = [[2] + torch.randint(4, VOCAB, (PROMPT - 1,), generator=g).tolist() for _ in range(PROMPTS)]
     data = Dataset.from_dict({"input_ids": prompts})
 
-    def peak_rss_mib():
+    def status_mib(field):
         for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
 
     class Clock(TrainerCallback):  # per-update time and peak RSS (the window is reset each update)
-        stamps, peaks = [], []
-        def on_train_begin(self, args, state, control, **kw):
+        stamps, peaks, added, rss_at_reset = [], [], [], 0.0
+        def reset(self):
             open("/proc/self/clear_refs", "w").write("5")
+            Clock.rss_at_reset = status_mib("VmRSS:")
+        def on_train_begin(self, args, state, control, **kw):
+            self.reset()
         def on_step_end(self, args, state, control, **kw):
             self.stamps.append(time.perf_counter())
-            self.peaks.append(peak_rss_mib())
-            open("/proc/self/clear_refs", "w").write("5")
+            self.peaks.append(status_mib("VmHWM:"))
+            self.added.append(self.peaks[-1] - Clock.rss_at_reset)
+            self.reset()
 
     with tempfile.TemporaryDirectory() as out:
         args = PPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS, gradient_accumulation_steps=1,
@@ -86,7 +91,8 @@ WORKER = textwrap.dedent('''
     seconds = statistics.median(measured)
     print(json.dumps({"updates": len(durations), "seconds_per_update": seconds,
                       "tokens_per_s": PROMPTS * RESPONSE * (1 + 4) / seconds,
-                      "peak_memory_mib": statistics.median(Clock.peaks[1:] or Clock.peaks)}))
+                      "peak_memory_mib": statistics.median(Clock.peaks[1:] or Clock.peaks),
+                      "iteration_memory_mib": statistics.median(Clock.added[1:] or Clock.added)}))
 ''')
 
 
@@ -119,6 +125,7 @@ def main(argv=None):
                                 tokens_per_s=f"{result['tokens_per_s']:.4f}", time_generate="",
                                 time_reference="", time_score="", time_train="",
                                 peak_memory_mib=f"{result['peak_memory_mib']:.4f}",
+                                iteration_memory_mib=f"{result['iteration_memory_mib']:.4f}",
                                 response_length=32)])
     print(f"trl 1.11.0 PPOTrainer: {result}")
     rows = [r for r in csv.DictReader(open(RESULTS / "e2e.csv"))
@@ -126,7 +133,9 @@ def main(argv=None):
     if rows:
         ours = rows[-1]
         print(f"fastppo / TRL tokens/s: {float(ours['tokens_per_s']) / result['tokens_per_s']:.2f}x; "
-              f"peak memory {float(ours['peak_memory_mib']):.0f} vs {result['peak_memory_mib']:.0f} MiB")
+              f"peak memory {float(ours['peak_memory_mib']):.0f} vs {result['peak_memory_mib']:.0f} MiB; "
+              f"added by an iteration {float(ours.get('iteration_memory_mib') or 'nan'):.0f} vs "
+              f"{result['iteration_memory_mib']:.0f} MiB")
     return 0
 
 

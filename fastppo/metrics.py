@@ -8,28 +8,35 @@ from pathlib import Path
 import torch
 
 
-def reset_peak_memory(device) -> None:
-    """Start a new peak-memory window (CUDA: the allocator's peak; Linux CPU: the process's peak RSS)."""
+def reset_peak_memory(device) -> float:
+    """Start a new peak-memory window (CUDA: the allocator's peak; Linux CPU: the process's peak RSS)
+    and return the memory in use now (MiB): peak_memory_mib() minus it is what the window added."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        return
+        return torch.cuda.memory_allocated() / 2**20
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     except OSError:  # not Linux: peak_memory_mib falls back to the whole run's peak
         pass
+    return _proc_status_mib("VmRSS:") or 0.0
 
 
 def peak_memory_mib(device) -> float:
     """Peak memory since reset_peak_memory: CUDA allocated bytes, or the CPU process's peak RSS."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    peak = _proc_status_mib("VmHWM:")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _proc_status_mib(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return None
 
 
 class MetricsLog:

@@ -100,7 +100,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
     progress = tqdm(range(start_iteration, cfg.iterations), desc="ppo", initial=start_iteration,
                     total=cfg.iterations, disable=None)
     for iteration in progress:
-        reset_peak_memory(cfg.device)  # peak_memory_mib is per iteration
+        memory_at_start = reset_peak_memory(cfg.device)  # peak_memory_mib is per iteration
         t_start = time.perf_counter()
         # 1. Rollout: sample prompts and generate with the current policy. The model stays in eval
         # mode throughout, training included: dropout would make the rollout's log-probs disagree
@@ -175,6 +175,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
             "time_score": timings["score"],
             "time_train": t_end - t_generate - timings["reference"] - timings["score"],
             "peak_memory_mib": peak_memory_mib(cfg.device),
+            "iteration_memory_mib": peak_memory_mib(cfg.device) - memory_at_start,
         }
         log.write(row)
         progress.set_postfix(score=f"{row['score_mean']:+.3f}", kl=f"{kl:.3f}",

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 SMALL = dict(sft_steps=120, rm_steps=120, ppo_iterations=4)
 TIMING = ("tokens_per_s", "time_generate", "time_reference", "time_score", "time_train",
-          "peak_memory_mib")
+          "peak_memory_mib", "iteration_memory_mib")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -19,6 +20,12 @@ def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()} cpu x{torch.get_num_threads()} threads"
+
+
+def allocator_env() -> str:
+    """The environment variables that change the C allocator (and so speed and peak RSS), if set."""
+    return " ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD")
+                    if os.environ.get(k))
 
 
 def git_revision() -> str:

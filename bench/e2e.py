@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from common import append_csv, device_name, git_revision, today
+from common import allocator_env, append_csv, device_name, git_revision, today
 from fastppo.config import PPOConfig
 from fastppo.data import write_jsonl
 from fastppo.models import RewardModel, save_with_head
@@ -77,7 +77,8 @@ def main(argv=None):
     print(f"fastppo, {device_name(args.device)}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     append_csv("e2e.csv", [dict(date=today(), rev=git_revision(), device=device_name(args.device),
                                 torch=torch.__version__, provider="fastppo",
-                                iterations=len(measured), **{k: f"{v:.4f}" for k, v in result.items()})])
+                                iterations=len(measured), **{k: f"{v:.4f}" for k, v in result.items()},
+                                allocator=allocator_env())])
     return 0
 
 

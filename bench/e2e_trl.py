@@ -21,7 +21,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from common import RESULTS, append_csv, device_name, git_revision, today
+from common import RESULTS, allocator_env, append_csv, device_name, git_revision, today
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(__file__).with_name(".venv-trl")
@@ -126,6 +126,7 @@ def main(argv=None):
                                 time_reference="", time_score="", time_train="",
                                 peak_memory_mib=f"{result['peak_memory_mib']:.4f}",
                                 iteration_memory_mib=f"{result['iteration_memory_mib']:.4f}",
+                                allocator=allocator_env(),
                                 response_length=32)])
     print(f"trl 1.11.0 PPOTrainer: {result}")
     rows = [r for r in csv.DictReader(open(RESULTS / "e2e.csv"))

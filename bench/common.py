@@ -3,7 +3,9 @@ on a GPU), peak memory, the machine's copy bandwidth, and the CSV every result i
 from __future__ import annotations
 
 import csv
+import ctypes
 import datetime
+import gc
 import os
 import platform
 import statistics
@@ -84,10 +86,21 @@ def peak_mib(fn, device: str) -> float:
         fn()
         sync(device)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    release_free_memory()
     base = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
     fn()
     return max(0.0, (_rss_kib("VmHWM") - base) / 1024)
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the kernel (glibc malloc_trim), so that what fn() allocates
+    shows up as RSS growth instead of silently reusing pages freed by an earlier run."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement may read low
+        pass
 
 
 def copy_bandwidth_gbps(device: str, mib: int = 512) -> float:

@@ -4,7 +4,7 @@
         [--device "x86_64 cpu x2 threads"]
 Writes bench/results/<op>-<mode>.png: median time (top) and peak memory (bottom) against the number
 of rows at the most measured vocabulary (left), and against the vocabulary at the most measured row
-count (right), one line per provider. Each (provider, shape) point is its newest row in the CSV for
+count (right), one line per provider (for gae: rows B and sequence length T). Each (provider, shape) point is its newest row in the CSV for
 that device (the title names the revisions the points come from).
 """
 from __future__ import annotations
@@ -47,8 +47,9 @@ def main(argv=None):
     v_fixed = Counter(v for _, _, v in points).most_common(1)[0][0]
     n_fixed = Counter(n for _, n, _ in points).most_common(1)[0][0]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    panels = [(0, "rows (tokens)", lambda n, v: v == v_fixed, lambda n, v: n, f"vocabulary {v_fixed}"),
-              (1, "vocabulary", lambda n, v: n == n_fixed, lambda n, v: v, f"{n_fixed} rows")]
+    rows_name, vocab_name = ("rows B", "length T") if args.op == "gae" else ("rows (tokens)", "vocabulary")
+    panels = [(0, rows_name, lambda n, v: v == v_fixed, lambda n, v: n, f"{vocab_name} {v_fixed}"),
+              (1, vocab_name, lambda n, v: n == n_fixed, lambda n, v: v, f"{rows_name} {n_fixed}")]
     for col, xlabel, keep, x_of, fixed in panels:
         series = defaultdict(list)
         for (provider, n, v), r in points.items():
@@ -59,9 +60,12 @@ def main(argv=None):
             pts.sort()
             for row, k in ((0, 1), (1, 2)):
                 axes[row][col].plot([p[0] for p in pts], [p[k] for p in pts], "o-", label=provider)
+        xs = sorted({p[0] for pts in series.values() for p in pts})
         for row, ylabel in ((0, "median ms"), (1, "peak memory MiB")):
             ax = axes[row][col]
             ax.set_xscale("log")
+            ax.set_xticks(xs, [str(x) for x in xs])  # the measured sizes, not decades
+            ax.minorticks_off()
             ax.set_yscale("log")
             ax.set_xlabel(f"{xlabel} ({fixed})")
             ax.set_ylabel(ylabel)

@@ -72,6 +72,43 @@ def test_first_minibatch_sees_ratio_one(small_run):
         assert key in rows[0], key
 
 
+def test_first_minibatch_sees_ratio_one_at_temperature(small_run, tmp_path):
+    # at T = 1 a trainer that forgot the temperature somewhere would still see ratio 1
+    out, _ = small_run
+    ppo.train_ppo(ppo_config(out, tmp_path / "hot", iterations=1, temperature=0.6))
+    row = json.loads((tmp_path / "hot" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["first_ratio_max_error"] <= 1e-5
+
+
+def test_sampler_draws_from_the_distribution_the_trainer_scores():
+    # The tokens generate() samples at temperature T must follow exp(token_logprobs(logits, T)),
+    # the log-probs PPO trains with (temperature applied in both places, the same way).
+    from fastppo.data import pack_prompts
+    from fastppo.generate import generate
+    from fastppo.kernels import token_logprobs
+    from fastppo.models import ActorCritic, tiny_llama
+
+    torch.manual_seed(0)
+    V, T, n = 12, 0.5, 20000
+    lm = tiny_llama(V, hidden=16, layers=1, heads=2).eval()
+    with torch.no_grad():  # spread the logits so that T = 0.5 and T = 1 differ clearly
+        lm.get_output_embeddings().weight.mul_(40)
+    prompts = pack_prompts([[2, 5, 7]] * n, pad_id=0)
+    batch = generate(lm, prompts, max_new_tokens=1, temperature=T, top_k=0, top_p=1.0, eos_id=3,
+                     pad_id=0, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(batch.responses[:, 0], minlength=V).double()
+
+    with torch.no_grad():
+        logits, _ = ActorCritic(lm)(batch.input_ids[:1], batch.attention_mask[:1],
+                                    batch.response_positions)
+        every_label = torch.arange(V)
+        p_T = token_logprobs(logits[0, :1].expand(V, V), every_label, temperature=T).exp().double()
+        p_1 = token_logprobs(logits[0, :1].expand(V, V), every_label, temperature=1.0).exp().double()
+    sigma = (n * p_T * (1 - p_T)).sqrt() + 1
+    assert ((counts - n * p_T).abs() <= 5 * sigma).all(), (counts / n, p_T)
+    assert ((counts - n * p_1).abs() > 10 * sigma).any()  # the check can tell the temperatures apart
+
+
 def test_resumed_run_equals_uninterrupted_run(small_run, tmp_path):
     out, _ = small_run
     ppo.train_ppo(ppo_config(out, tmp_path / "straight"))

@@ -113,16 +113,25 @@ def copy_bandwidth_gbps(device: str, mib: int = 512) -> float:
 
 def append_csv(name: str, rows: list[dict]) -> Path:
     """Append to bench/results/<name>, or to `name` itself when it is a path with a folder. A row with
-    a column the file lacks rewrites the file with the union of the columns (old rows leave it blank)."""
+    a column the file lacks rewrites the file (write aside, then rename) with the union of the columns;
+    old rows leave the new ones blank. A file whose rows do not fit its header is refused, not rewritten."""
     path = Path(name) if Path(name).parent != Path(".") else RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
-    fields = list(old[0]) if old else []
-    fields += [k for row in rows for k in row if k not in fields]
-    if old and fields == list(old[0]):
+    fields, old = [], []
+    if path.exists():
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields, old = list(reader.fieldnames or []), list(reader)
+        for i, row in enumerate(old, start=2):
+            if None in row or None in row.values():
+                raise ValueError(f"{path}:{i}: the row does not have the header's "
+                                 f"{len(fields)} columns; fix the file before appending")
+    new_fields = [k for row in rows for k in row if k not in fields]
+    if not new_fields:
         with path.open("a", newline="") as fh:
             csv.DictWriter(fh, fieldnames=fields).writerows(rows)
         return path
+    fields += list(dict.fromkeys(new_fields))
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)

@@ -26,12 +26,18 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of `probs` (B, V), drawn by inverting the float64 CDF with one uniform per
-    row. torch.multinomial draws an exponential per vocabulary entry instead: 16 x 32000 costs ~8 ms a
-    step on a 2-core CPU, more than the model's forward. The uniforms come from the CPU `generator`
-    whatever the device, so a seed samples the same tokens on CPU and GPU."""
+    """One token per row of `probs` (B, V; non-negative, any positive total), drawn by inverting the
+    float64 CDF with one uniform per row: the categorical distribution up to float64 rounding (a token
+    below ~1e-16 of its row's mass is never drawn). torch.multinomial draws an exponential per
+    vocabulary entry instead: 16 x 32000 costs ~8 ms a step on a 2-core CPU, more than the model's
+    forward. The uniforms come from the CPU `generator` whatever the device, so a seed samples the
+    same tokens on CPU and GPU."""
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
+    bad = ~(torch.isfinite(total) & (total > 0))
+    if bad.any():
+        raise ValueError(f"sample: rows {bad.squeeze(-1).nonzero().squeeze(-1).tolist()[:8]} of probs "
+                         "have no positive finite mass (all zero, NaN or inf)")
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator).to(probs.device)
     # u * total < total, so the first index whose CDF exceeds it has positive probability
     u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))

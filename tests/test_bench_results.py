@@ -1,6 +1,8 @@
 """bench/common.py's result files: rows keep their columns when a later row brings a new one."""
 import csv
 import sys
+
+import pytest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -20,3 +22,12 @@ def test_append_csv_widens_the_header(tmp_path):
         ("d1", "1.0", ""), ("d2", "2.0", ""), ("d3", "3.0", "62"), ("d4", "", "7")]
     assert not path.with_suffix(".tmp").exists()
 
+
+
+def test_append_csv_refuses_a_misaligned_file(tmp_path):
+    for text in ("a,b\n1,2,3\n", "a,b,c\n1,2\n"):
+        path = tmp_path / "bad.csv"
+        path.write_text(text)
+        with pytest.raises(ValueError, match="bad.csv:2"):
+            append_csv(str(path), [{"a": "4", "b": "5", "d": "6"}])
+        assert path.read_text() == text

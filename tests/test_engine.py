@@ -289,6 +289,16 @@ def test_sample_draws_from_the_distribution():
     assert sample(one_hot, torch.Generator().manual_seed(1)).tolist() == [4, 0, 2]
     again = sample(p.expand(n, -1), torch.Generator().manual_seed(0))
     assert torch.equal(draws, again)
+    # an unnormalised row (total 4) samples its normalised distribution
+    q = torch.tensor([0.0, 2.0, 0.0, 1.0, 1.0])
+    counts = torch.bincount(sample(q.expand(n, -1), torch.Generator().manual_seed(2)),
+                            minlength=len(q)).double()
+    p = q / q.sum()
+    assert ((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt() + 1e-9).all(), counts.tolist()
+    # no mass: refused, not an out-of-range token
+    for row in (torch.zeros(5), torch.tensor([0.5, float("nan"), 0.5, 0.0, 0.0])):
+        with pytest.raises(ValueError, match="no positive finite mass"):
+            sample(torch.stack([torch.full((5,), 0.2), row]), torch.Generator())
 
 
 def test_sample_never_picks_a_filtered_token():

@@ -47,9 +47,13 @@ def main(argv=None):
     v_fixed = Counter(v for _, _, v in points).most_common(1)[0][0]
     n_fixed = Counter(n for _, n, _ in points).most_common(1)[0][0]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    rows_name, vocab_name = ("rows B", "length T") if args.op == "gae" else ("rows (tokens)", "vocabulary")
-    panels = [(0, rows_name, lambda n, v: v == v_fixed, lambda n, v: n, f"{vocab_name} {v_fixed}"),
-              (1, vocab_name, lambda n, v: n == n_fixed, lambda n, v: v, f"{rows_name} {n_fixed}")]
+    if args.op == "gae":
+        rows_name, vocab_name, v_note, n_note = "rows B", "length T", f"T = {v_fixed}", f"B = {n_fixed}"
+    else:
+        rows_name, vocab_name = "rows (tokens)", "vocabulary"
+        v_note, n_note = f"vocabulary {v_fixed}", f"{n_fixed} rows"
+    panels = [(0, rows_name, lambda n, v: v == v_fixed, lambda n, v: n, v_note),
+              (1, vocab_name, lambda n, v: n == n_fixed, lambda n, v: v, n_note)]
     for col, xlabel, keep, x_of, fixed in panels:
         series = defaultdict(list)
         for (provider, n, v), r in points.items():

@@ -8,7 +8,7 @@ Providers (float32 logits, temperature 0.7, 10% ignored labels), each with and w
                     inplace_backward=True path): no fresh (N, V) gradient buffer to page in
   torch             the chunked reference (backend="torch")
   eager             log_softmax(x / T).gather(...), as peers write it
-  compile           torch.compile of fastppo.reference.token_logprobs
+  compile           torch.compile of fastppo.kernels.reference.token_logprobs
   ppo-native[-inplace]  ppo_loss(backend="native") with values, clipping and an entropy bonus
 Each is timed forward only and forward+backward (including the gradient's allocation), median and
 20/80 quantiles of --repeat runs after a warm-up. Peak extra memory is the growth of the process's
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from common import _rss_kib, append_csv
-from fastppo import reference
+from fastppo.kernels import reference
 from fastppo.kernels import ppo_loss, token_logprobs
 from fastppo.kernels.token_logprobs import NativeTokenLogprobsFunction
 

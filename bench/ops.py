@@ -28,7 +28,7 @@ import torch
 
 from common import (append_csv, copy_bandwidth_gbps, device_name, git_revision, peak_mib, time_ms,
                     today)
-from fastppo import native, reference
+from fastppo.kernels import _native as native, reference
 from fastppo.kernels import gae, ppo_loss, token_logprobs
 
 T_SAMPLE = 0.7  # temperature used throughout

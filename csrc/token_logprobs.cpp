@@ -351,7 +351,7 @@ std::vector<torch::Tensor> gae_backward(torch::Tensor grad_adv, torch::Tensor gr
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gae_forward", &gae_forward, "GAE forward (CPU)");
   m.def("gae_backward", &gae_backward, "GAE backward (CPU)");
-  m.def("forward", &forward, "token_logprobs forward (CPU)");
-  m.def("backward", &backward, "token_logprobs backward (CPU)");
-  m.def("ppo_terms", &ppo_terms, "ppo_loss per-token terms (CPU)");
+  m.def("token_logprobs_forward", &forward, "token_logprobs forward (CPU)");
+  m.def("token_logprobs_backward", &backward, "token_logprobs backward (CPU)");
+  m.def("ppo_loss_terms", &ppo_terms, "ppo_loss per-token terms (CPU)");
 }

@@ -1,8 +1,12 @@
 """fastppo.kernels: fused Triton kernels for PPO, computed directly from logits. Public, stable API.
 
-Every op takes `backend=`: "triton" (the fused kernels), "torch" (the plain-PyTorch reference in
-`fastppo.reference`, evaluated in chunks) or "auto" (Triton on CUDA tensors, the reference on CPU).
+Every op takes `backend=`: "triton" (the fused kernels), "native" (C++ CPU kernels, csrc/), "torch"
+(the plain-PyTorch reference in `fastppo.kernels.reference`, evaluated in chunks) or "auto" (Triton on
+CUDA tensors; on CPU the native kernels where the op has them and they build, else the reference).
 FASTPPO_BACKEND in the environment replaces "auto".
+
+Self-contained: nothing here imports the engine (fastppo's trainers, transformers, the configs).
+One file per public op; what the ops stand on is in the private `_*.py` modules beside them.
 """
 if __name__ != "fastppo.kernels":
     # This directory is installed as fastppo.kernels (setuptools package-dir). Reached as a bare
@@ -23,7 +27,7 @@ else:
     from fastppo.kernels.ppo_loss import ppo_loss
     from fastppo.kernels.token_logprobs import token_logprobs
     from fastppo.kernels.whiten import masked_whiten
-    from fastppo.reference import PPOLossOutput
+    from fastppo.kernels.reference import PPOLossOutput
 
     __all__ = ["token_logprobs", "kl_penalty", "kl_rewards", "gae", "reward_to_go", "masked_whiten",
                "ppo_loss", "PPOLossOutput"]

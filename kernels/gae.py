@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from fastppo import native, reference
-from fastppo.checks import (check_mask, check_per_token, check_real, check_same_device,
-                            check_time_dim, resolve_backend)
+from fastppo.kernels import _native, reference
+from fastppo.kernels._checks import (check_mask, check_per_token, check_real, check_same_device,
+                                     check_time_dim, resolve_backend)
 from fastppo.kernels._triton import tl, triton
 
 MAX_BLOCK_T = 1024
@@ -143,7 +143,7 @@ class _NativeGAE(torch.autograd.Function):
         shape2 = (mask.numel() // T if T else 0, T)  # (rows, T), empty batches included
         rows = lambda t: t.reshape(shape2).float().contiguous()  # noqa: E731
         m = mask.reshape(shape2).to(torch.uint8).contiguous()
-        adv, ret = native.module().gae_forward(rows(rewards), rows(values), m, gamma, lam)
+        adv, ret = _native.module().gae_forward(rows(rewards), rows(values), m, gamma, lam)
         ctx.save_for_backward(m)
         ctx.gamma, ctx.lam, ctx.dtypes, ctx.shape = gamma, lam, (rewards.dtype, values.dtype), mask.shape
         ctx.set_materialize_grads(False)
@@ -154,7 +154,7 @@ class _NativeGAE(torch.autograd.Function):
         (m,) = ctx.saved_tensors
         zero = torch.zeros(m.shape, dtype=torch.float32)
         rows = lambda g: zero if g is None else g.reshape(m.shape).float().contiguous()  # noqa: E731
-        g_r, g_v = native.module().gae_backward(rows(grad_adv), rows(grad_ret), m, ctx.gamma, ctx.lam)
+        g_r, g_v = _native.module().gae_backward(rows(grad_adv), rows(grad_ret), m, ctx.gamma, ctx.lam)
         return (g_r.view(ctx.shape).to(ctx.dtypes[0]), g_v.view(ctx.shape).to(ctx.dtypes[1]),
                 None, None, None)
 

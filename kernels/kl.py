@@ -12,12 +12,12 @@ import functools
 
 import torch
 
-from fastppo import reference
-from fastppo.checks import (check_choice, check_mask, check_per_token, check_real,
-                            check_rows_have_valid, check_same_device, check_time_dim,
-                            resolve_backend)
+from fastppo.kernels import reference
+from fastppo.kernels._checks import (check_choice, check_mask, check_per_token, check_real,
+                                     check_rows_have_valid, check_same_device, check_time_dim,
+                                     resolve_backend)
+from fastppo.kernels._refgrad import with_reference_backward
 from fastppo.kernels._triton import tl, triton
-from fastppo.refgrad import with_reference_backward
 
 ESTIMATORS = ("k1", "k2", "k3")
 BLOCK = 1024

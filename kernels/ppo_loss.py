@@ -4,7 +4,7 @@ Per valid token, with lp = log softmax(x / T)[label], ratio = exp(clamp(lp - old
     pg   = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))        (capped at -A * c if A < 0)
     vf   = 0.5 * max((V - R)^2, (old_V + clip(V - old_V, -v, v) - R)^2)
     loss = pg + vf_coef * vf - entropy_coef * H + kl_coef * kl(lp - ref_lp)
-reduced as sum(w * loss) with per-token weights w from the reduction (fastppo.reference).
+reduced as sum(w * loss) with per-token weights w from the reduction (`reference.reduction_weights`).
 
 One program per token. Forward: one pass over the token's logits (the shared online log-sum-exp, with
 the entropy), then every per-token term, policy and value, in the same program; it also stores the
@@ -15,21 +15,28 @@ Byte floor: forward N*V*b, backward 2*N*V*b (b bytes per logit), plus ~40 bytes 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from fastppo import chunked, native, reference
-from fastppo.checks import (check_choice, check_mask, check_per_token, check_real, check_same_device,
-                            check_token_inputs, resolve_backend)
+from fastppo.kernels import _native, reference
+from fastppo.kernels._checks import (check_choice, check_mask, check_per_token, check_real,
+                                     check_same_device, check_token_inputs, resolve_backend)
+from fastppo.kernels._layout import as_outer_inner
+from fastppo.kernels._rows import (gradient_buffer, launch_config, row_logsumexp,
+                                   row_softmax_grad)
 from fastppo.kernels._triton import tl, triton
 from fastppo.kernels.kl import ESTIMATORS, kl_term, kl_term_grad
-from fastppo.kernels.token_logprobs import (_launch_config, _reference_rows, gradient_buffer,
-                                            row_logsumexp, row_softmax_grad)
-from fastppo.layout import as_outer_inner
-from fastppo.reference import REDUCTIONS, PPOLossOutput, reduction_weights
+from fastppo.kernels.reference import REDUCTIONS, PPOLossOutput, reduction_weights
+from fastppo.kernels.token_logprobs import token_logprobs
 
-# Rows of the per-token buffer the forward kernel fills (constexpr: kernels may only read globals that
-# are; Python code indexes with int(...)).
-LP, ENTROPY, PG, VF, CLIPPED, VCLIPPED, LOSS, DLP, DV, MAX, LOGSUM = (tl.constexpr(i) for i in range(11))
+# The rows of the per-token buffer the forward fills, in order: the one definition. The kernels read
+# the constexprs below (jitted code may read only constexpr globals), Python indexes with int(NAME),
+# and the C++ terms (csrc/ppo_loss.cpp) are compiled with -DPPO_STAT_<NAME>=<row> from this tuple.
+STATS = ("LP", "ENTROPY", "PG", "VF", "CLIPPED", "VCLIPPED", "LOSS", "DLP", "DV", "MAX", "LOGSUM")
+LP, ENTROPY, PG, VF, CLIPPED, VCLIPPED, LOSS, DLP, DV, MAX, LOGSUM = (
+    tl.constexpr(STATS.index(name)) for name in
+    ("LP", "ENTROPY", "PG", "VF", "CLIPPED", "VCLIPPED", "LOSS", "DLP", "DV", "MAX", "LOGSUM"))
 
 
 @triton.jit
@@ -153,8 +160,118 @@ def _ppo_loss_bwd_kernel(
         tl.store(grad_values_ptr + row, dv.to(grad_values_ptr.dtype.element_ty))
 
 
-def _flat(t):
-    return None if t is None else t.reshape(-1).contiguous()
+@dataclass(frozen=True)
+class PPOLossOptions:
+    """ppo_loss's scalar options, validated once when built (a bad value raises here, naming the
+    argument); frozen, so nothing on the way to a kernel can change them. See `ppo_loss`."""
+
+    temperature: float = 1.0
+    clip_eps: float | None = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    reduction: str = "token-mean"
+    inplace_backward: bool = False
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        put("temperature", check_real("temperature", self.temperature, low=0.0, low_open=True))
+        if self.clip_eps is not None:
+            put("clip_eps", check_real("clip_eps", self.clip_eps, low=0.0, low_open=True, high=1.0,
+                                       high_open=True))
+        if self.clip_eps_high is not None:
+            if self.clip_eps is None:
+                raise ValueError("clip_eps_high needs clip_eps (clip_eps=None turns clipping off)")
+            put("clip_eps_high", check_real("clip_eps_high", self.clip_eps_high, low=0.0,
+                                            low_open=True))
+        if self.dual_clip is not None:
+            put("dual_clip", check_real("dual_clip", self.dual_clip, low=1.0, low_open=True))
+        if self.value_clip is not None:
+            put("value_clip", check_real("value_clip", self.value_clip, low=0.0, low_open=True))
+        put("vf_coef", check_real("vf_coef", self.vf_coef, low=0.0))
+        put("entropy_coef", check_real("entropy_coef", self.entropy_coef))
+        put("kl_coef", check_real("kl_coef", self.kl_coef, low=0.0))
+        check_choice("kl_estimator", self.kl_estimator, ESTIMATORS)
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        if not isinstance(self.inplace_backward, bool):
+            raise TypeError(f"inplace_backward must be a bool; got "
+                            f"{type(self.inplace_backward).__name__}")
+
+    @property
+    def clip_low(self) -> float:
+        """The ratio's lower clip bound, 1 - clip_eps (unused without clipping)."""
+        return 1.0 - (self.clip_eps or 0.0)
+
+    @property
+    def clip_high(self) -> float:
+        """The ratio's upper clip bound, 1 + (clip_eps_high or clip_eps)."""
+        return 1.0 + (self.clip_eps_high if self.clip_eps_high is not None else self.clip_eps or 0.0)
+
+    @property
+    def kl_estimator_id(self) -> int:
+        """The kernels' KL_ESTIMATOR: 0 without a KL term, else 1, 2, 3 for k1, k2, k3."""
+        return ESTIMATORS.index(self.kl_estimator) + 1 if self.kl_coef else 0
+
+    def reference_terms(self) -> dict:
+        """The keyword arguments of reference.ppo_loss_from_logprobs these options set."""
+        return dict(clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high,
+                    dual_clip=self.dual_clip, value_clip=self.value_clip, vf_coef=self.vf_coef,
+                    entropy_coef=self.entropy_coef, kl_coef=self.kl_coef,
+                    kl_estimator=self.kl_estimator, reduction=self.reduction)
+
+
+def _forward(x3, labels, mask, weights, old_lp, adv, values, old_values, returns, ref_lp,
+             opts: PPOLossOptions) -> torch.Tensor:
+    """The forward kernel over (outer, inner, V) logits and flat (N,) per-token inputs (mask as
+    uint8; optional ones None). Returns the (len(STATS), N) float32 per-token buffer."""
+    n, V = labels.numel(), x3.shape[-1]
+    stats = torch.empty((len(STATS), n), dtype=torch.float32, device=x3.device)  # all rows written
+    if n:
+        block, warps = launch_config(V)
+        dummy = stats  # pointer for the optional inputs a constexpr flag switches off
+        f = lambda t: dummy if t is None else t  # noqa: E731
+        _ppo_loss_fwd_kernel[(n,)](
+            x3, labels, mask, weights, old_lp, adv, f(values), f(old_values), f(returns), f(ref_lp),
+            stats,
+            x3.shape[1], V, n, x3.stride(0), x3.stride(1),
+            opts.temperature, opts.clip_low, opts.clip_high, opts.dual_clip or 0.0,
+            opts.value_clip or 0.0, opts.vf_coef, opts.entropy_coef, opts.kl_coef,
+            HAS_CLIP=opts.clip_eps is not None, HAS_DUAL_CLIP=opts.dual_clip is not None,
+            HAS_VALUES=values is not None,
+            HAS_VALUE_CLIP=values is not None and opts.value_clip is not None,
+            KL_ESTIMATOR=opts.kl_estimator_id, BLOCK_V=block, num_warps=warps,
+        )
+    return stats
+
+
+def _backward(x3, labels, mask, weights, stats, grad_loss, g3, grad_values, opts: PPOLossOptions):
+    """The backward kernel: writes the logits' gradient into g3 ((outer, inner, V), may be x3
+    itself) and the values' into grad_values (flat, or None without values)."""
+    n, V = labels.numel(), x3.shape[-1]
+    if n:
+        block, warps = launch_config(V)
+        _ppo_loss_bwd_kernel[(n,)](
+            x3, labels, mask, weights, stats, grad_loss, g3,
+            stats if grad_values is None else grad_values,
+            x3.shape[1], V, n, x3.stride(0), x3.stride(1), g3.stride(0), g3.stride(1),
+            opts.temperature, opts.entropy_coef,
+            HAS_ENTROPY=opts.entropy_coef != 0.0, HAS_VALUES=grad_values is not None,
+            BLOCK_V=block, num_warps=warps,
+        )
+
+
+def _flat(t, dtype=None):
+    """(N,) contiguous, in `dtype` if given; None stays None. A strided or expanded input is copied."""
+    if t is None:
+        return None
+    t = t.reshape(-1)
+    return (t if dtype is None else t.to(dtype)).contiguous()
 
 
 def _finish_forward(ctx, logits, values, weights, stats, opts, *saved):
@@ -163,84 +280,59 @@ def _finish_forward(ctx, logits, values, weights, stats, opts, *saved):
     loss = (weights.double() * stats[int(LOSS)].double()).sum().float()
     ctx.save_for_backward(*saved, weights, stats)
     ctx.opts, ctx.shape = opts, logits.shape
-    ctx.logits = logits if opts["inplace_backward"] else None
+    ctx.logits = logits if opts.inplace_backward else None
     ctx.values_meta = None if values is None else (values.shape, values.dtype)
     ctx.mark_non_differentiable(stats)
     return loss, stats
 
 
 class PPOLossFunction(torch.autograd.Function):
-    """Triton forward and backward. Returns (loss, per-token stats (11, N) float32)."""
+    """Triton forward and backward. Returns (loss, per-token stats (len(STATS), N) float32)."""
 
     @staticmethod
     def forward(ctx, logits, values, labels, mask, weights, old_lp, adv, old_values, returns, ref_lp,
                 opts):
         x3 = as_outer_inner(logits)  # a view, or one copy if the rows need 3+ strides
-        n, V = labels.numel(), logits.shape[-1]
-        stats = torch.empty((11, n), dtype=torch.float32, device=logits.device)  # all rows written
         labels, mask, weights = _flat(labels), _flat(mask).view(torch.uint8), _flat(weights)
-        if n:
-            block, warps = _launch_config(V)
-            dummy = stats  # pointer for the optional inputs a constexpr flag switches off
-            f = lambda t: dummy if t is None else _flat(t)  # noqa: E731
-            _ppo_loss_fwd_kernel[(n,)](
-                x3, labels, mask, weights, f(old_lp), f(adv), f(values), f(old_values), f(returns),
-                f(ref_lp), stats,
-                x3.shape[1], V, n, x3.stride(0), x3.stride(1),
-                opts["temperature"], opts["clip_low"], opts["clip_high"], opts["dual_clip"] or 0.0,
-                opts["value_clip"] or 0.0, opts["vf_coef"], opts["entropy_coef"], opts["kl_coef"],
-                HAS_CLIP=opts["clip_eps"] is not None, HAS_DUAL_CLIP=opts["dual_clip"] is not None,
-                HAS_VALUES=values is not None,
-                HAS_VALUE_CLIP=values is not None and opts["value_clip"] is not None,
-                KL_ESTIMATOR=ESTIMATORS.index(opts["kl_estimator"]) + 1 if opts["kl_coef"] else 0,
-                BLOCK_V=block, num_warps=warps,
-            )
+        stats = _forward(x3, labels, mask, weights, _flat(old_lp), _flat(adv), _flat(values),
+                         _flat(old_values), _flat(returns), _flat(ref_lp), opts)
         return _finish_forward(ctx, logits, values, weights, stats, opts, x3, labels, mask)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         x3, labels, mask, weights, stats = ctx.saved_tensors
-        opts, n, V = ctx.opts, labels.numel(), x3.shape[-1]
-        g3, grad = gradient_buffer(x3, ctx.logits, ctx.shape, opts["inplace_backward"])
+        opts = ctx.opts
+        g3, grad = gradient_buffer(x3, ctx.logits, ctx.shape, opts.inplace_backward)
         grad_values = None
         if ctx.values_meta is not None:
             grad_values = torch.empty(ctx.values_meta[0], dtype=ctx.values_meta[1], device=x3.device)
-        if n:
-            block, warps = _launch_config(V)
-            _ppo_loss_bwd_kernel[(n,)](
-                x3, labels, mask, weights, stats, grad_loss.reshape(1).float(), g3,
-                stats if grad_values is None else grad_values,
-                x3.shape[1], V, n, x3.stride(0), x3.stride(1), g3.stride(0), g3.stride(1),
-                opts["temperature"], opts["entropy_coef"],
-                HAS_ENTROPY=opts["entropy_coef"] != 0.0, HAS_VALUES=grad_values is not None,
-                BLOCK_V=block, num_warps=warps,
-            )
+        _backward(x3, labels, mask, weights, stats, grad_loss.reshape(1).float(), g3, grad_values,
+                  opts)
         return (grad, grad_values) + (None,) * 9
 
 
 class NativePPOLossFunction(torch.autograd.Function):
-    """The C++ kernels (csrc/token_logprobs.cpp) on CPU: the vocabulary passes of token_logprobs, then
-    the per-token PPO terms; backward is the native softmax-gradient pass with the stored
-    d loss / d lp. Same contract and per-token buffer as PPOLossFunction."""
+    """The C++ kernels on CPU: token_logprobs' vocabulary pass (csrc/token_logprobs.cpp), then the
+    per-token PPO terms (csrc/ppo_loss.cpp); backward is token_logprobs' native softmax-gradient
+    pass with the stored d loss / d lp. Same contract and per-token buffer as PPOLossFunction."""
 
     @staticmethod
     def forward(ctx, logits, values, labels, mask, weights, old_lp, adv, old_values, returns, ref_lp,
                 opts):
         x3 = as_outer_inner(logits)  # a view, or one copy if the rows need 3+ strides
-        module = native.module()
-        labels = labels.reshape(-1).long().contiguous()
-        f = lambda t: None if t is None else t.reshape(-1).float().contiguous()  # noqa: E731
-        stats = torch.empty((11, labels.numel()), dtype=torch.float32)
-        stats[int(LP)], stats[int(ENTROPY)], stats[int(MAX)], stats[int(LOGSUM)] = module.forward(
-            x3, labels, opts["temperature"], -100, True)
-        mask, weights = f(mask.to(torch.uint8)).to(torch.uint8), f(weights)
-        module.ppo_terms(
+        module = _native.module()
+        labels = _flat(labels, torch.long)
+        f = lambda t: _flat(t, torch.float32)  # noqa: E731
+        stats = torch.empty((len(STATS), labels.numel()), dtype=torch.float32)
+        stats[int(LP)], stats[int(ENTROPY)], stats[int(MAX)], stats[int(LOGSUM)] = (
+            module.token_logprobs_forward(x3, labels, opts.temperature, -100, True))
+        mask, weights = _flat(mask, torch.uint8), f(weights)
+        module.ppo_loss_terms(
             stats, mask, weights, f(old_lp), f(adv), f(values), f(old_values), f(returns), f(ref_lp),
-            opts["clip_eps"] is not None, opts["clip_low"], opts["clip_high"],
-            opts["dual_clip"] is not None, opts["dual_clip"] or 0.0,
-            values is not None and opts["value_clip"] is not None, opts["value_clip"] or 0.0,
-            opts["vf_coef"], opts["entropy_coef"], opts["kl_coef"],
-            ESTIMATORS.index(opts["kl_estimator"]) + 1 if opts["kl_coef"] else 0)
+            opts.clip_eps is not None, opts.clip_low, opts.clip_high,
+            opts.dual_clip is not None, opts.dual_clip or 0.0,
+            values is not None and opts.value_clip is not None, opts.value_clip or 0.0,
+            opts.vf_coef, opts.entropy_coef, opts.kl_coef, opts.kl_estimator_id)
         return _finish_forward(ctx, logits, values, weights, stats, opts, x3, labels)
 
     @staticmethod
@@ -248,12 +340,13 @@ class NativePPOLossFunction(torch.autograd.Function):
         x3, labels, weights, stats = ctx.saved_tensors
         opts = ctx.opts
         g = grad_loss.float()
-        grad3, grad = gradient_buffer(x3, ctx.logits, ctx.shape, opts["inplace_backward"])
-        has_entropy = opts["entropy_coef"] != 0.0
-        g_h = -g * opts["entropy_coef"] * weights if has_entropy else weights
-        native.module().backward(x3, labels, stats[int(MAX)], stats[int(LOGSUM)], stats[int(ENTROPY)],
-                                 (g * stats[int(DLP)]).contiguous(), g_h.contiguous(), grad3,
-                                 opts["temperature"], -100, has_entropy)
+        grad3, grad = gradient_buffer(x3, ctx.logits, ctx.shape, opts.inplace_backward)
+        has_entropy = opts.entropy_coef != 0.0
+        g_h = -g * opts.entropy_coef * weights if has_entropy else weights
+        _native.module().token_logprobs_backward(
+            x3, labels, stats[int(MAX)], stats[int(LOGSUM)], stats[int(ENTROPY)],
+            (g * stats[int(DLP)]).contiguous(), g_h.contiguous(), grad3, opts.temperature, -100,
+            has_entropy)
         grad_values = None
         if ctx.values_meta is not None:
             shape, dtype = ctx.values_meta
@@ -266,30 +359,6 @@ def _storage_owner(t: torch.Tensor) -> torch.Tensor:
     while t._base is not None:
         t = t._base
     return t
-
-
-def _check_options(clip_eps, clip_eps_high, dual_clip, value_clip, vf_coef, entropy_coef, kl_coef,
-                   kl_estimator, reduction, inplace_backward):
-    if clip_eps is not None:
-        clip_eps = check_real("clip_eps", clip_eps, low=0.0, low_open=True, high=1.0, high_open=True)
-    if clip_eps_high is not None:
-        if clip_eps is None:
-            raise ValueError("clip_eps_high needs clip_eps (clip_eps=None turns clipping off)")
-        clip_eps_high = check_real("clip_eps_high", clip_eps_high, low=0.0, low_open=True)
-    if dual_clip is not None:
-        dual_clip = check_real("dual_clip", dual_clip, low=1.0, low_open=True)
-    if value_clip is not None:
-        value_clip = check_real("value_clip", value_clip, low=0.0, low_open=True)
-    check_choice("kl_estimator", kl_estimator, ESTIMATORS)
-    check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool; got {type(inplace_backward).__name__}")
-    return dict(
-        clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, value_clip=value_clip,
-        vf_coef=check_real("vf_coef", vf_coef, low=0.0),
-        entropy_coef=check_real("entropy_coef", entropy_coef),
-        kl_coef=check_real("kl_coef", kl_coef, low=0.0), kl_estimator=kl_estimator,
-        reduction=reduction, inplace_backward=inplace_backward)
 
 
 def ppo_loss(
@@ -341,11 +410,12 @@ def ppo_loss(
             gradient. Refused for a leaf tensor; any other autograd node that saved these logits
             raises autograd's usual "modified by an inplace operation" error rather than reading
             gradients. Honoured by the "triton" and "native" backends; "torch" allocates.
+        Every tensor argument may be any view (strided, transposed, sliced, expanded).
 
-    Returns: PPOLossOutput (fastppo.reference) with the differentiable `loss` and detached stats.
+    Returns: PPOLossOutput (fastppo.kernels.reference) with the differentiable `loss` and detached
+    stats.
     """
     check_token_inputs(logits, labels, temperature, -100, validate=False)
-    temperature = float(temperature)
     shape = labels.shape
     check_mask(mask, shape, "labels")
     check_per_token(shape, "labels", old_logprobs=old_logprobs, advantages=advantages)
@@ -353,8 +423,11 @@ def ppo_loss(
     check_per_token(shape, "labels", **{k: t for k, t in optional.items() if t is not None})
     check_same_device(logits=logits, labels=labels, mask=mask, old_logprobs=old_logprobs,
                       advantages=advantages, **{k: t for k, t in optional.items() if t is not None})
-    opts = _check_options(clip_eps, clip_eps_high, dual_clip, value_clip, vf_coef, entropy_coef,
-                          kl_coef, kl_estimator, reduction, inplace_backward)
+    opts = PPOLossOptions(
+        temperature=temperature, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+        dual_clip=dual_clip, value_clip=value_clip, vf_coef=vf_coef, entropy_coef=entropy_coef,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, reduction=reduction,
+        inplace_backward=inplace_backward)
     if values is None and (returns is not None or old_values is not None):
         raise ValueError("returns/old_values were given without values: pass the critic's values")
     if values is not None and returns is None:
@@ -372,22 +445,15 @@ def ppo_loss(
     backend = resolve_backend(backend, logits.device, native_dtype=logits.dtype)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    terms = dict(values=values, old_values=old_values, returns=returns, clip_eps=opts["clip_eps"],
-                 clip_eps_high=opts["clip_eps_high"], dual_clip=opts["dual_clip"],
-                 value_clip=opts["value_clip"], vf_coef=opts["vf_coef"],
-                 entropy_coef=opts["entropy_coef"], ref_logprobs=ref_logprobs,
-                 kl_coef=opts["kl_coef"], kl_estimator=kl_estimator, reduction=reduction)
     if backend == "torch":
-        # The chunked reference's log-probs and entropies, then the reference's per-token terms.
-        fn = lambda x, y: _reference_rows(x, y, temperature=temperature,  # noqa: E731
-                                          ignore_index=-100, return_entropy=True)
-        lp, entropy = chunked.rowwise(fn, logits, labels)
-        return reference.ppo_loss_from_logprobs(lp, entropy, old_logprobs, advantages, mask, **terms)
+        # token_logprobs' chunked reference, then the reference's per-token terms.
+        lp, entropy = token_logprobs(logits, labels, temperature=opts.temperature,
+                                     return_entropy=True, validate=False, backend="torch")
+        return reference.ppo_loss_from_logprobs(
+            lp, entropy, old_logprobs, advantages, mask, values=values, old_values=old_values,
+            returns=returns, ref_logprobs=ref_logprobs, **opts.reference_terms())
 
     weights = reduction_weights(mask, reduction).float()
-    high = opts["clip_eps"] if opts["clip_eps_high"] is None else opts["clip_eps_high"]
-    opts.update(temperature=temperature, clip_low=1.0 - (opts["clip_eps"] or 0.0),
-                clip_high=1.0 + (high or 0.0))
     function = NativePPOLossFunction if backend == "native" else PPOLossFunction
     loss, stats = function.apply(logits, values, labels, mask, weights, old_logprobs, advantages,
                                  old_values, returns, ref_logprobs, opts)

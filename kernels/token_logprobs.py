@@ -19,65 +19,12 @@ import functools
 
 import torch
 
-from fastppo import chunked, native, reference
-from fastppo.checks import check_token_inputs, resolve_backend
-from fastppo.layout import as_outer_inner
-from fastppo.kernels._triton import triton, tl
-
-# One program reads a row in blocks of at most this many logits (power of two).
-MAX_BLOCK_V = 4096
-
-
-@triton.jit
-def row_logsumexp(base, n_read, temperature, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One pass over a row's first n_read logits -> (m, log s, entropy) in float32.
-
-    Online log-sum-exp over blocks. With d = (x - m) / T relative to the running max m:
-        s = sum exp(d),   t = sum exp(d) * d      (so entropy = log s - t / s)
-    When the max moves from m to m', both are re-based: a = exp((m - m') / T),
-        s' = a * s,   t' = a * (t + s * (m - m') / T).
-    The running max starts at -inf; a -inf logit (a banned token) contributes exp(-inf) = 0, and the
-    `where`s keep -inf - (-inf) and 0 * -inf from turning into NaN. Shared with ppo_loss.
-    """
-    cols = tl.arange(0, BLOCK_V)
-    m = float("-inf")
-    s = 0.0
-    t = 0.0
-    for start in range(0, n_read, BLOCK_V):
-        offs = start + cols
-        x = tl.load(base + offs, mask=offs < n_read, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        shift = tl.where(s > 0.0, (m - m_ref) / temperature, 0.0)
-        alpha = tl.exp(shift)
-        d = (x - m_ref) / temperature
-        e = tl.exp(d)
-        if ENTROPY:  # before s moves on: the re-base uses the old s
-            t = alpha * (t + s * shift) + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
-        m = m_new
-    log_s = tl.log(s)
-    return m, log_s, log_s - t / s
-
-
-@triton.jit
-def row_softmax_grad(base, grad_base, label, active, V, m, log_s, h, g_lp, g_h, temperature,
-                     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Write d(g_lp * logprob + g_h * entropy) / d x for one row, recomputing p from (m, log s):
-        d logprob / d x_v = (1[v == label] - p_v) / T,    d entropy / d x_v = -p_v (log p_v + H) / T
-    Inactive rows read nothing and write zeros. Shared with ppo_loss."""
-    cols = tl.arange(0, BLOCK_V)
-    n_read = tl.where(active, V, 0)
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        x = tl.load(base + offs, mask=offs < n_read, other=float("-inf")).to(tl.float32)
-        logp = (x - m) / temperature - log_s
-        p = tl.exp(logp)
-        g = tl.where(offs == label, g_lp, 0.0) - g_lp * p
-        if HAS_GRAD_ENTROPY:
-            g -= g_h * tl.where(p > 0.0, p * (logp + h), 0.0)
-        g = tl.where(active, g / temperature, 0.0)
-        tl.store(grad_base + offs, g.to(grad_base.dtype.element_ty), mask=offs < V)
+from fastppo.kernels import _chunked, _native, reference
+from fastppo.kernels._checks import check_token_inputs, resolve_backend
+from fastppo.kernels._layout import as_outer_inner
+from fastppo.kernels._rows import (gradient_buffer, launch_config, row_logsumexp,
+                                   row_softmax_grad)
+from fastppo.kernels._triton import tl, triton
 
 
 @triton.jit
@@ -137,11 +84,6 @@ def _token_logprobs_bwd_kernel(
                      tl.load(grad_logprobs_ptr + row), g_h, temperature, HAS_GRAD_ENTROPY, BLOCK_V)
 
 
-def _launch_config(V: int) -> tuple[int, int]:
-    block = max(16, min(triton.next_power_of_2(V), MAX_BLOCK_V))
-    return block, (4 if block <= 1024 else 8)
-
-
 def _forward(x3: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
              return_entropy: bool):
     n_outer, n_inner, V = x3.shape
@@ -149,7 +91,7 @@ def _forward(x3: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_
     logprobs, entropy, row_max, log_sum = (
         torch.empty(n, dtype=torch.float32, device=x3.device) for _ in range(4))
     if n:
-        block, warps = _launch_config(V)
+        block, warps = launch_config(V)
         _token_logprobs_fwd_kernel[(n,)](
             x3, labels, logprobs, entropy, row_max, log_sum,
             n_inner, V, x3.stride(0), x3.stride(1),
@@ -165,7 +107,7 @@ def _backward(x3, labels, row_max, log_sum, entropy, grad_logprobs, grad_entropy
     n = n_outer * n_inner
     grad = torch.empty((n, V), dtype=dtype, device=x3.device)
     if n:
-        block, warps = _launch_config(V)
+        block, warps = launch_config(V)
         has_grad_entropy = grad_entropy is not None
         _token_logprobs_bwd_kernel[(n,)](
             x3, labels, row_max, log_sum, entropy, grad_logprobs,
@@ -183,7 +125,9 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, return_entropy):
         x3 = as_outer_inner(logits)  # a view, or one copy if the rows need 3+ strides
-        labels = labels.reshape(-1)
+        # The kernel reads labels[row] at labels_ptr + row: they must be one contiguous run.
+        # (reshape keeps a uniformly strided view such as index[..., j] as it is.)
+        labels = labels.reshape(-1).contiguous()
         logprobs, entropy, row_max, log_sum = _forward(x3, labels, temperature, ignore_index,
                                                        return_entropy)
         ctx.save_for_backward(x3, labels, row_max, log_sum, entropy)
@@ -203,20 +147,6 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return grad.view(ctx.shape), None, None, None, None
 
 
-def gradient_buffer(x3, logits, shape, inplace):
-    """Where a backward writes the logits' gradient: (that buffer as an (outer, inner, V) view, the
-    gradient to return for `logits`). A fresh contiguous buffer, or with `inplace` the logits' own
-    storage (see ppo_loss(inplace_backward=True)): each row is read before it is overwritten, and the
-    version counter is bumped so that any other autograd node that saved these logits raises
-    autograd's "modified by an inplace operation" error instead of reading gradients."""
-    if inplace:
-        grad = logits if x3.data_ptr() == logits.data_ptr() else x3.view(shape)
-        torch.autograd.graph.increment_version(grad)
-        return x3, grad
-    grad = torch.empty(shape, dtype=x3.dtype, device=x3.device)
-    return grad.view(x3.shape), grad
-
-
 class NativeTokenLogprobsFunction(torch.autograd.Function):
     """The C++ kernels of csrc/token_logprobs.cpp (CPU); same contract as TokenLogprobsFunction.
     With inplace=True the gradient is written into the logits' storage (used by ppo_loss)."""
@@ -225,7 +155,7 @@ class NativeTokenLogprobsFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, inplace=False):
         x3 = as_outer_inner(logits)  # a view, or one copy if the rows need 3+ strides
         labels = labels.reshape(-1).long().contiguous()
-        logprobs, entropy, row_max, log_sum = native.module().forward(
+        logprobs, entropy, row_max, log_sum = _native.module().token_logprobs_forward(
             x3, labels, temperature, ignore_index, return_entropy)
         ctx.save_for_backward(x3, labels, row_max, log_sum, entropy)
         ctx.temperature, ctx.ignore_index, ctx.shape = temperature, ignore_index, logits.shape
@@ -240,8 +170,9 @@ class NativeTokenLogprobsFunction(torch.autograd.Function):
         g_lp = torch.zeros_like(row_max) if grad_logprobs is None else flat(grad_logprobs)
         g_h = row_max if grad_entropy is None else flat(grad_entropy)
         grad3, grad = gradient_buffer(x3, ctx.logits, ctx.shape, ctx.inplace)
-        native.module().backward(x3, labels, row_max, log_sum, entropy, g_lp, g_h, grad3,
-                                 ctx.temperature, ctx.ignore_index, grad_entropy is not None)
+        _native.module().token_logprobs_backward(x3, labels, row_max, log_sum, entropy, g_lp, g_h,
+                                                 grad3, ctx.temperature, ctx.ignore_index,
+                                                 grad_entropy is not None)
         return grad, None, None, None, None, None
 
 
@@ -291,10 +222,10 @@ def token_logprobs(
     if backend == "torch":
         fn = functools.partial(_reference_rows, temperature=temperature, ignore_index=ignore_index,
                                return_entropy=bool(return_entropy))
-        out = chunked.rowwise(fn, logits, labels)
+        out = _chunked.rowwise(fn, logits, labels)
         return out if return_entropy else out[0]
     function = NativeTokenLogprobsFunction if backend == "native" else TokenLogprobsFunction
     logprobs, entropy = function.apply(logits, labels, temperature, ignore_index,
-                                                    bool(return_entropy))
+                                       bool(return_entropy))
     logprobs = logprobs.view(labels.shape)
     return (logprobs, entropy.view(labels.shape)) if return_entropy else logprobs

@@ -13,11 +13,11 @@ import functools
 
 import torch
 
-from fastppo import reference
-from fastppo.checks import (check_mask, check_real, check_same_device, check_tensor, FLOAT_DTYPES,
-                            resolve_backend)
+from fastppo.kernels import reference
+from fastppo.kernels._checks import (FLOAT_DTYPES, check_mask, check_real, check_same_device,
+                                     check_tensor, resolve_backend)
+from fastppo.kernels._refgrad import with_reference_backward
 from fastppo.kernels._triton import tl, triton
-from fastppo.refgrad import with_reference_backward
 
 BLOCK = 1024
 

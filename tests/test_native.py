@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from fastppo import native
+from fastppo.kernels import _native as native
 from fastppo.kernels import ppo_loss, token_logprobs
 
 
@@ -23,7 +23,7 @@ def run_python(code, tmp_path, **env):
 def test_builds_from_a_clean_cache(tmp_path):
     proc = run_python("""
         import torch
-        from fastppo import native
+        from fastppo.kernels import _native as native
         from fastppo.kernels import token_logprobs
         x = torch.randn(5, 33)
         y = torch.randint(0, 33, (5,))
@@ -107,7 +107,7 @@ def test_ppo_loss_native_matches_torch_backend():
 
 def test_auto_prefers_native_on_cpu(monkeypatch):
     monkeypatch.delenv("FASTPPO_BACKEND", raising=False)
-    from fastppo.checks import resolve_backend
+    from fastppo.kernels._checks import resolve_backend
     assert native.available()
     assert resolve_backend("auto", torch.device("cpu"), native_dtype=torch.bfloat16) == "native"
     assert resolve_backend("auto", torch.device("cpu"), native_dtype=torch.float64) == "torch"

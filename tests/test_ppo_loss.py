@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from fastppo import reference
-from fastppo.checks import triton_interpreting
+from fastppo.kernels import reference
+from fastppo.kernels._checks import triton_interpreting
 from fastppo.kernels import ppo_loss, token_logprobs
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import DEVICE
-from fastppo import reference
-from fastppo.checks import triton_interpreting
+from fastppo.kernels import reference
+from fastppo.kernels._checks import triton_interpreting
 from fastppo.kernels import gae, kl_penalty, kl_rewards, masked_whiten, reward_to_go
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter

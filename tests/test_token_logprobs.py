@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import DEVICE
-from fastppo import chunked, reference
-from fastppo.checks import triton_interpreting
+from fastppo.kernels import _chunked as chunked, reference
+from fastppo.kernels._checks import triton_interpreting
 from fastppo.kernels import token_logprobs
-from fastppo.layout import as_outer_inner
+from fastppo.kernels._layout import as_outer_inner
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter
 
@@ -339,7 +339,7 @@ def test_backend_from_environment(monkeypatch):
 
 def test_auto_backend_on_cpu_is_the_chunked_reference(monkeypatch):
     monkeypatch.delenv("FASTPPO_BACKEND", raising=False)
-    from fastppo.checks import resolve_backend
+    from fastppo.kernels._checks import resolve_backend
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from fastppo.layout import as_outer_inner
+from fastppo.kernels._layout import as_outer_inner
 
 # Rows per chunk are chosen so a chunk's float32 temporaries stay near 16 MB each.
 CHUNK_ELEMENTS = 1 << 22

@@ -46,8 +46,8 @@ def resolve_backend(backend: str, device: torch.device, native_dtype: torch.dtyp
         if device.type == "cuda" and _triton_available():
             return "triton"
         if device.type == "cpu" and native_dtype in NATIVE_DTYPES:
-            from fastppo import native
-            return "native" if native.available() else "torch"
+            from fastppo.kernels import _native
+            return "native" if _native.available() else "torch"
         return "torch"
     if backend == "triton":
         if not _triton_available():
@@ -65,8 +65,8 @@ def resolve_backend(backend: str, device: torch.device, native_dtype: torch.dtyp
         if native_dtype not in NATIVE_DTYPES:
             raise ValueError(f"backend='native' takes float32, bfloat16 or float16 logits; "
                              f"got {native_dtype}")
-        from fastppo import native
-        native.module()  # raises with the build error
+        from fastppo.kernels import _native
+        _native.module()  # raises with the build error
     return backend
 
 

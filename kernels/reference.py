@@ -1,8 +1,8 @@
-"""Plain-PyTorch references of every fused op in `fastppo.kernels`.
+"""Plain-PyTorch references of every fused op in `fastppo.kernels`: `fastppo.kernels.reference`.
 
 Each function reads like the math it computes and is correct in float64. Tests compare the kernels
 against these, benchmarks use them as the baseline, and the `"torch"` backend evaluates them in chunks
-(`fastppo.chunked`) where no faster kernel exists. Half-precision inputs are computed in float32;
+(`fastppo.kernels._chunked`) where no faster kernel exists. Half-precision inputs are computed in float32;
 float64 inputs stay float64 so the references can serve as ground truth.
 """
 from __future__ import annotations

@@ -10,25 +10,23 @@ Providers (float32 logits, temperature 0.7, 10% ignored labels), each with and w
   eager             log_softmax(x / T).gather(...), as peers write it
   compile           torch.compile of fastppo.kernels.reference.token_logprobs
   ppo-native[-inplace]  ppo_loss(backend="native") with values, clipping and an entropy bonus
-Each is timed forward only and forward+backward (including the gradient's allocation), median and
-20/80 quantiles of --repeat runs after a warm-up. Peak extra memory is the growth of the process's
-peak RSS during one forward+backward, minus the gradient buffer (Linux: /proc/self/clear_refs).
-Byte floor: forward N*V*4 bytes read; backward N*V*4 read + N*V*4 written.
+Each is timed forward only and forward+backward (including the gradient's allocation; the in-place
+providers' restoring copy of the logits runs untimed before each run), median and 20/80 quantiles of
+--repeat runs after one warm-up, by bench/common.py's time_ms. Peak extra memory is common.peak_mib of
+one forward+backward (the growth of the process's peak RSS, Linux /proc/self/clear_refs) minus the
+gradient buffer. Byte floor: forward N*V*4 bytes read; backward N*V*4 read + N*V*4 written.
+The CSV's date, rev (git_revision: "-dirty" when tracked files differ from HEAD) and machine
+(device_name("cpu")) come from bench/common.py too; bench/ops.py is the wider, per-op benchmark.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from common import _rss_kib, append_csv
+from common import append_csv, device_name, git_revision, peak_mib, time_ms, today
 from fastppo.kernels import reference
 from fastppo.kernels import ppo_loss, token_logprobs
 from fastppo.kernels.token_logprobs import NativeTokenLogprobsFunction
@@ -37,12 +35,23 @@ T = 0.7
 
 
 def providers(logits, labels, batch, entropy):
-    """name -> (forward(), forward_backward() -> gradient bytes allocated). With entropy, every
-    token_logprobs provider also returns the entropy and backpropagates through it."""
+    """name -> dict(fwd, fwd_bwd, setup, grad_bytes): fwd() (None: not measured), fwd_bwd(), or
+    fwd_bwd(setup()) with setup() untimed, and the bytes of the gradient buffer fwd_bwd allocates
+    (subtracted from its peak). With entropy, every token_logprobs provider also returns the entropy
+    and backpropagates through it."""
     nbytes = logits.numel() * logits.element_size()
+
+    def entry(fwd, fwd_bwd, setup=None, grad_bytes=nbytes):
+        return dict(fwd=fwd, fwd_bwd=fwd_bwd, setup=setup, grad_bytes=grad_bytes)
 
     def objective(out):
         return out[0].sum() + 0.1 * out[1].sum() if entropy else out.sum()
+
+    def inplace_leaf(scratch):
+        def setup():  # restores the logits the last run overwrote with its gradient
+            scratch.copy_(logits)
+            return scratch.detach().requires_grad_()
+        return setup
 
     def tl(backend):
         def fwd():
@@ -53,21 +62,14 @@ def providers(logits, labels, batch, entropy):
             x = logits.detach().requires_grad_()
             out = token_logprobs(x, labels, temperature=T, return_entropy=entropy, backend=backend)
             torch.autograd.grad(objective(out), x)
-            return nbytes
-        return fwd, fwd_bwd
+        return entry(fwd, fwd_bwd)
 
     def native_inplace():
-        scratch = logits.clone()
-
-        def fwd_bwd():
-            scratch.copy_(logits)  # (restoring the logits the last run overwrote; untimed below)
-            leaf = scratch.detach().requires_grad_()
-            t0 = time.perf_counter()
+        def fwd_bwd(leaf):
             x = _Alias.apply(leaf)
             lp, ent = NativeTokenLogprobsFunction.apply(x, labels, T, -100, entropy, True)
             torch.autograd.grad(objective((lp, ent) if entropy else lp), x)
-            return 0, time.perf_counter() - t0
-        return None, fwd_bwd
+        return entry(None, fwd_bwd, setup=inplace_leaf(logits.clone()), grad_bytes=0)
 
     def eager():
         def run(x):
@@ -83,8 +85,7 @@ def providers(logits, labels, batch, entropy):
         def fwd_bwd():
             x = logits.detach().requires_grad_()
             torch.autograd.grad(objective(run(x)), x)
-            return nbytes
-        return fwd, fwd_bwd
+        return entry(fwd, fwd_bwd)
 
     def compiled():
         fn = torch.compile(lambda x: reference.token_logprobs(x, labels, temperature=T,
@@ -97,12 +98,9 @@ def providers(logits, labels, batch, entropy):
         def fwd_bwd():
             x = logits.detach().requires_grad_()
             torch.autograd.grad(objective(fn(x)), x)
-            return nbytes
-        return fwd, fwd_bwd
+        return entry(fwd, fwd_bwd)
 
     def ppo(inplace):
-        scratch = logits.clone() if inplace else logits
-
         def run(x):
             values = batch["values"].clone().requires_grad_()
             out = ppo_loss(x, labels.clamp(min=0), batch["old"], batch["adv"], batch["mask"],
@@ -115,18 +113,16 @@ def providers(logits, labels, batch, entropy):
             with torch.no_grad():
                 run(logits)
 
-        def fwd_bwd():
-            if inplace:
-                scratch.copy_(logits)
-                leaf = scratch.detach().requires_grad_()
-                t0 = time.perf_counter()
+        if inplace:
+            def fwd_bwd(leaf):
                 x = _Alias.apply(leaf)
                 torch.autograd.grad(run(x).loss, x)
-                return 0, time.perf_counter() - t0
+            return entry(fwd, fwd_bwd, setup=inplace_leaf(logits.clone()), grad_bytes=0)
+
+        def fwd_bwd():
             x = logits.detach().requires_grad_()
             torch.autograd.grad(run(x).loss, x)
-            return nbytes
-        return fwd, fwd_bwd
+        return entry(fwd, fwd_bwd)
 
     found = {
         "native": tl("native"), "native-inplace": native_inplace(), "torch": tl("torch"),
@@ -152,27 +148,6 @@ class _Alias(torch.autograd.Function):
         return g
 
 
-def timed(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        res = fn()
-        elapsed = time.perf_counter() - t0
-        if isinstance(res, tuple):  # (bytes, time measured inside, excluding untimed set-up)
-            elapsed = res[1]
-        times.append(elapsed)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
-    return statistics.median(times), q[0], q[-1]
-
-
-def peak_extra_mib(fn):
-    base = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    res = fn()
-    grad_bytes = res[0] if isinstance(res, tuple) else res
-    return max(0.0, (_rss_kib("VmHWM") - base) / 1024 - (grad_bytes or 0) / 2**20)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
@@ -192,34 +167,28 @@ def main(argv=None):
     batch = dict(old=torch.randn(N) - 10, adv=torch.randn(N), mask=labels != -100,
                  values=torch.randn(N), old_values=torch.randn(N), returns=torch.randn(N))
     logit_mib = N * V * 4 / 2**20
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    machine = f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-    date = datetime.date.today().isoformat()
+    meta = dict(date=today(), rev=git_revision(), machine=device_name("cpu"), torch=torch.__version__)
 
     rows = []
-    print(f"N={N} V={V} float32, logits {logit_mib:.0f} MiB, {machine}, torch {torch.__version__}")
+    print(f"N={N} V={V} float32, logits {logit_mib:.0f} MiB, {meta['machine']}, torch {meta['torch']}")
     print(f"{'provider':20} {'entropy':>7} {'fwd ms':>16} {'fwd+bwd ms':>18} {'peak extra MiB':>15} "
           f"{'% of logits':>12}")
     settings = [(e, n, p) for e in args.entropy for n, p in providers(logits, labels, batch, e).items()]
-    for entropy, name, (fwd, fwd_bwd) in settings:
+    for entropy, name, p in settings:
         if args.only and name not in args.only:
             continue
-        f = None
-        if fwd is not None:
-            fwd()  # warm-up (and compilation)
-            f = timed(fwd, args.repeat)
-        fwd_bwd()
-        fb = timed(fwd_bwd, args.repeat)
-        peak = peak_extra_mib(fwd_bwd)
-        fs = "-" if f is None else f"{f[0] * 1e3:6.1f} [{f[1] * 1e3:.0f}-{f[2] * 1e3:.0f}]"
-        print(f"{name:20} {str(entropy):>7} {fs:>16} {fb[0] * 1e3:7.1f} [{fb[1] * 1e3:.0f}-{fb[2] * 1e3:.0f}] "
+        f = None  # (median, p20, p80) ms; the first run of each is a warm-up (and compilation)
+        if p["fwd"] is not None:
+            f = time_ms(p["fwd"], "cpu", repeat=args.repeat, warmup=1)
+        fb = time_ms(p["fwd_bwd"], "cpu", repeat=args.repeat, warmup=1, setup=p["setup"])
+        peak = peak_mib(p["fwd_bwd"], "cpu", setup=p["setup"], exclude_bytes=p["grad_bytes"])
+        fs = "-" if f is None else f"{f[0]:6.1f} [{f[1]:.0f}-{f[2]:.0f}]"
+        print(f"{name:20} {str(entropy):>7} {fs:>16} {fb[0]:7.1f} [{fb[1]:.0f}-{fb[2]:.0f}] "
               f"{peak:15.1f} {100 * peak / logit_mib:11.1f}%")
-        rows.append(dict(date=date, rev=rev, machine=machine, torch=torch.__version__, rows=N,
-                         vocab=V, provider=name, entropy=entropy,
-                         fwd_ms="" if f is None else f"{f[0] * 1e3:.2f}",
-                         fwd_bwd_ms=f"{fb[0] * 1e3:.2f}", fwd_bwd_p20_ms=f"{fb[1] * 1e3:.2f}",
-                         fwd_bwd_p80_ms=f"{fb[2] * 1e3:.2f}", peak_extra_mib=f"{peak:.1f}"))
+        rows.append(dict(meta, rows=N, vocab=V, provider=name, entropy=entropy,
+                         fwd_ms="" if f is None else f"{f[0]:.2f}",
+                         fwd_bwd_ms=f"{fb[0]:.2f}", fwd_bwd_p20_ms=f"{fb[1]:.2f}",
+                         fwd_bwd_p80_ms=f"{fb[2]:.2f}", peak_extra_mib=f"{peak:.1f}"))
     path = append_csv(args.csv, rows)
     print(f"appended {len(rows)} rows to {path}")
 

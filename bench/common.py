@@ -1,5 +1,7 @@
 """Shared by the benchmark scripts: timing (median and 20/80 quantiles, warm-up excluded; CUDA events
-on a GPU), peak memory, the machine's copy bandwidth, and the CSV every result is appended to."""
+on a GPU), peak memory, the machine's copy bandwidth, the run's labels (date, revision, device), the
+CSV every result is appended to, and what the op benchmarks (bench/op_*.py) have in common: their
+Case and the random logits that token_logprobs and ppo_loss read."""
 from __future__ import annotations
 
 import csv
@@ -12,6 +14,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -46,7 +49,8 @@ def sync(device: str) -> None:
 
 
 def time_ms(fn, device: str, *, repeat: int, warmup: int = 2, setup=None) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds of fn(); setup() runs untimed before each call."""
+    """(median, p20, p80) milliseconds of fn() over `repeat` runs after `warmup` untimed ones. setup()
+    runs untimed before each call; its result, unless None, is fn's argument (fn(setup()))."""
     for _ in range(warmup):
         state = setup() if setup else None
         fn() if state is None else fn(state)
@@ -76,21 +80,26 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def peak_mib(fn, device: str) -> float:
-    """Peak memory fn() adds above what is allocated when it starts (CUDA: allocator; CPU: RSS via
-    /proc/self/clear_refs, Linux)."""
+def peak_mib(fn, device: str, *, setup=None, exclude_bytes: int = 0) -> float:
+    """Peak memory fn() adds above what is allocated when it starts, less `exclude_bytes` (what fn is
+    meant to allocate and keep, e.g. the gradient buffer it returns), never below 0. CUDA: the
+    allocator's peak; CPU: RSS via /proc/self/clear_refs (Linux). setup() runs first, outside the
+    window, and as in time_ms its result, unless None, is fn's argument."""
+    state = setup() if setup else None
     sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        fn()
+        fn() if state is None else fn(state)
         sync(device)
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    release_free_memory()
-    base = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
-    fn()
-    return max(0.0, (_rss_kib("VmHWM") - base) / 1024)
+        added = torch.cuda.max_memory_allocated() - base
+    else:
+        release_free_memory()
+        base = _rss_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+        fn() if state is None else fn(state)
+        added = (_rss_kib("VmHWM") - base) * 1024
+    return max(0.0, (added - exclude_bytes) / 2**20)
 
 
 def release_free_memory() -> None:
@@ -143,3 +152,35 @@ def append_csv(name: str, rows: list[dict]) -> Path:
 
 def today() -> str:
     return datetime.date.today().isoformat()
+
+
+# ------------------------------------------------------------------ the op benchmarks (op_*.py)
+
+
+class Case(NamedTuple):
+    """One shape of an op benchmark, as an op_*.py module's cases(op, args) yields it."""
+    shape: str                     # the CSV's shape column, e.g. "4096x32000"
+    floors: dict                   # mode ("fwd", "bwd", "fwd+bwd") -> bytes the op must move
+    inputs: Callable[[], tuple]    # fresh inputs of run(*inputs); its tensors that require grad are
+                                   # the ones differentiated (made once per provider)
+    repeat: int | None = None      # runs to time, when not --repeat
+
+
+def logit_shapes(op: str, args):
+    """Yields (N, V) for each of --rows x --vocab whose logits fit in --max-logit-bytes; the others
+    are skipped with a note."""
+    b = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    for N in args.rows:
+        for V in args.vocab:
+            if N * V * b > args.max_logit_bytes:
+                print(f"  {op}: N={N} V={V} skipped (logits exceed --max-logit-bytes)")
+            else:
+                yield N, V
+
+
+def random_logits(N: int, V: int, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, V) of --dtype on --device, 2 * standard normal, and labels uniform in [0, V): the
+    same for every op and provider (seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(N, V, generator=g) * 2).to(device=args.device, dtype=getattr(torch, args.dtype))
+    return logits, torch.randint(0, V, (N,), generator=g).to(args.device)

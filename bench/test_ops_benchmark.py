@@ -1,11 +1,13 @@
 """pytest-benchmark entries for the op benchmarks (`pytest bench/ --benchmark-only`).
 
-Small shapes so that a run takes seconds; bench/ops.py is the full benchmark with roofline units.
+Small shapes so that a run takes seconds; bench/ops.py is the full benchmark with roofline units. The
+providers are the op benchmarks' own (bench/op_<op>.py).
 """
 import pytest
 import torch
 
-from ops import gae_providers, objective, token_providers
+import op_gae
+import op_token_logprobs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, V = 512, 32000
@@ -22,7 +24,8 @@ def logits_labels():
 @pytest.mark.parametrize("provider", ["fastppo-triton", "fastppo-native", "fastppo-torch", "eager",
                                       "compile", "trl"])
 def test_token_logprobs_fwd_bwd(benchmark, logits_labels, provider, entropy):
-    providers = token_providers(DEVICE, entropy)
+    providers = op_token_logprobs.providers("token_logprobs+entropy" if entropy else "token_logprobs",
+                                            DEVICE)
     if provider not in providers:
         pytest.skip(f"{provider} does not run here")
     run = providers[provider]
@@ -30,7 +33,7 @@ def test_token_logprobs_fwd_bwd(benchmark, logits_labels, provider, entropy):
 
     def fwd_bwd():
         x = logits.detach().requires_grad_()
-        torch.autograd.grad(objective(run(x, labels)), x)
+        torch.autograd.grad(op_token_logprobs.objective(run(x, labels)), x)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
     fwd_bwd()  # warm-up (compilation, the native build)
@@ -39,7 +42,7 @@ def test_token_logprobs_fwd_bwd(benchmark, logits_labels, provider, entropy):
 
 @pytest.mark.parametrize("provider", ["fastppo-triton", "fastppo-native", "fastppo-torch", "eager"])
 def test_gae_fwd(benchmark, provider):
-    providers = gae_providers(DEVICE)
+    providers = op_gae.providers("gae", DEVICE)
     if provider not in providers:
         pytest.skip(f"{provider} does not run here")
     rewards, values = torch.randn(64, 256, device=DEVICE), torch.randn(64, 256, device=DEVICE)

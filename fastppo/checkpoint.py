@@ -1,17 +1,36 @@
-"""Atomic checkpoints and trainer state.
+"""Atomic checkpoints, and a trainer state that loads without running anything.
 
 A checkpoint is written whole into `<dir>.tmp`, then swapped in by renames: the previous checkpoint
 is moved to `<dir>.old` and removed only after the new one is in place, so a crash at any point leaves
 a complete checkpoint at `<dir>` or, between the two renames, at `<dir>.old` (which `latest` finds).
+
+The trainer state (optimizer, counters, RNG states) sits beside the weights as two files:
+    trainer_state.json           everything that is not a tensor: numbers, strings, lists, tagged
+                                 tuples and int-keyed dicts, and for each tensor {"__tensor__": key}
+    trainer_state.safetensors    the tensors, by key
+Neither can carry code: json and safetensors only parse. A pickle can: whoever can write into an
+output folder could run code in the next `--resume`. So checkpoints of the older format
+(`trainer_state.pt`, a pickle) are refused on resume; `python -m fastppo.checkpoint convert DIR`
+converts one, reading it with torch.load(weights_only=True), which admits tensors and plain
+containers only.
 """
 from __future__ import annotations
 
+import json
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LEGACY_STATE = "trainer_state.pt"
+FORMAT = "fastppo-trainer-state/1"
 
 
 def save_atomic(directory, write: Callable[[Path], None]) -> None:
@@ -28,12 +47,127 @@ def save_atomic(directory, write: Callable[[Path], None]) -> None:
 
 
 def latest(directory) -> Path | None:
-    """The complete checkpoint at `directory`, or the one a crash left at `<directory>.old`."""
+    """The complete checkpoint at `directory`, or the one a crash left at `<directory>.old`
+    (a checkpoint of the older pickle format counts, so that resume can say what to do with it)."""
     directory = Path(directory)
     for candidate in (directory, directory.with_name(directory.name + ".old")):
-        if (candidate / "trainer_state.pt").exists():
+        if (candidate / STATE_JSON).exists() or (candidate / LEGACY_STATE).exists():
             return candidate
     return None
+
+
+# ---------------------------------------------------------------------------- the state's format
+
+
+def _encode(obj, tensors: dict, path: str):
+    """obj as JSON, its tensors moved into `tensors` under their path."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+        if all(isinstance(k, int) and not isinstance(k, bool) for k in obj):  # optimizer state
+            return {"__intdict__": {str(k): _encode(v, tensors, f"{path}/{k}")
+                                    for k, v in obj.items()}}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"trainer state: cannot store {type(obj).__name__} at {path or '/'}")
+
+
+def _decode(obj, tensors: dict, where: str):
+    """The inverse of _encode; anything else is refused with a ValueError naming `where`."""
+    if isinstance(obj, list):
+        return [_decode(v, tensors, where) for v in obj]
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            if obj["__tensor__"] not in tensors:
+                raise ValueError(f"{where}: tensor {obj['__tensor__']!r} is missing from "
+                                 f"{STATE_TENSORS}")
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__tuple__"} and isinstance(obj["__tuple__"], list):
+            return tuple(_decode(v, tensors, where) for v in obj["__tuple__"])
+        if set(obj) == {"__intdict__"} and isinstance(obj["__intdict__"], dict):
+            try:
+                return {int(k): _decode(v, tensors, where) for k, v in obj["__intdict__"].items()}
+            except ValueError:
+                raise ValueError(f"{where}: an __intdict__ has a key that is not an integer") from None
+        if any(k.startswith("__") for k in obj):
+            raise ValueError(f"{where}: unknown tag in {sorted(obj)}")
+        return {k: _decode(v, tensors, where) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise ValueError(f"{where}: unexpected {type(obj).__name__}")  # pragma: no cover (json types)
+
+
+def save_state(directory, state: dict) -> None:
+    """Write `state` (nested dicts, lists, tuples, numbers, strings, tensors) into `directory`."""
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    body = {"format": FORMAT, "state": _encode(state, tensors, "")}
+    save_file(tensors, str(directory / STATE_TENSORS))
+    # The JSON marks the state complete (`latest` looks for it): written aside, then renamed.
+    tmp = directory / (STATE_JSON + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    tmp.replace(directory / STATE_JSON)
+
+
+def load_state(directory) -> dict:
+    """The state `save_state` wrote. Nothing read here can run code; a malformed or tampered file is
+    a ValueError naming it. A checkpoint of the older pickle format is refused with what to do."""
+    directory = Path(directory)
+    json_path, tensor_path = directory / STATE_JSON, directory / STATE_TENSORS
+    if not json_path.exists() and (directory / LEGACY_STATE).exists():
+        raise ValueError(
+            f"{directory / LEGACY_STATE} is a trainer state of the older format: a pickle, which "
+            f"fastppo no longer loads because loading a pickle can run code. If you trust it, "
+            f"convert it with `python -m fastppo.checkpoint convert {directory}` (reads only "
+            f"tensors and plain containers) and resume again; or start a new run from the weights "
+            f"in {directory}.")
+    try:
+        body = json.loads(json_path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{json_path} does not exist: not a fastppo checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT or "state" not in body:
+        raise ValueError(f"{json_path}: not a fastppo trainer state (expected format {FORMAT!r})")
+    try:
+        tensors = load_file(str(tensor_path))
+    except FileNotFoundError:
+        raise ValueError(f"{tensor_path} does not exist: the checkpoint is incomplete") from None
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{tensor_path}: not a valid safetensors file ({e})") from None
+    state = _decode(body["state"], tensors, str(json_path))
+    if not isinstance(state, dict):
+        raise ValueError(f"{json_path}: the state must be an object")
+    return state
+
+
+def convert_legacy(directory) -> Path:
+    """Convert a checkpoint's `trainer_state.pt` (the older format) into the json + safetensors pair,
+    reading it with torch.load(weights_only=True): tensors and plain containers only, never code.
+    The pickle is kept, renamed to `trainer_state.pt.converted`."""
+    directory = Path(directory)
+    legacy = directory / LEGACY_STATE
+    if not legacy.exists():
+        raise ValueError(f"{legacy} does not exist: nothing to convert")
+    try:
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's restricted unpickler refuses anything but plain data
+        raise ValueError(f"{legacy}: refused by torch.load(weights_only=True): {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{legacy}: expected a dict of trainer state; got {type(state).__name__}")
+    save_state(directory, state)
+    legacy.rename(legacy.with_name(LEGACY_STATE + ".converted"))
+    return directory
+
+
+# ------------------------------------------------------------------------------------ RNG states
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -47,9 +181,19 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
 
 
-def resume_from(out) -> tuple[Path, dict]:
-    """(checkpoint directory, trainer state) of the run in `out`, for --resume."""
-    found = latest(Path(out) / "checkpoint")
-    if found is None:
-        raise ValueError(f"resume: no checkpoint in {Path(out) / 'checkpoint'}")
-    return found, torch.load(found / "trainer_state.pt", weights_only=False)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fastppo.checkpoint convert DIR`: convert an older checkpoint's trainer state."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "convert":
+        print("usage: python -m fastppo.checkpoint convert CHECKPOINT_DIR", file=sys.stderr)
+        return 2
+    try:
+        print(f"converted {convert_legacy(argv[1])}: {STATE_JSON} + {STATE_TENSORS}")
+    except ValueError as e:
+        print(f"fastppo.checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ import sys
 from jsonargparse import ArgumentParser, set_parsing_settings
 
 from fastppo.config import PPOConfig, RMConfig, SFTConfig
+from fastppo.demo import DemoConfig
 from fastppo.pipeline import PipelineConfig
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -30,11 +31,7 @@ def parser() -> ArgumentParser:
         sub.add_subcommand(name, p, help=f"train: {cls.__name__}" if name != "pipeline"
                            else "SFT -> RM -> PPO on your data")
     demo = ArgumentParser(description="the whole pipeline on the built-in task, with a tiny model")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--sft_steps", type=int, default=250)
-    demo.add_argument("--rm_steps", type=int, default=250)
-    demo.add_argument("--ppo_iterations", type=int, default=30)
+    demo.add_class_arguments(DemoConfig, nested_key=None, as_group=False)
     sub.add_subcommand("demo", demo, help="SFT -> RM -> PPO on 'make the continuation positive'")
     return root
 
@@ -48,12 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in vars(args[name]).items() if k not in ("config", "__path__")}
     try:
         if name == "demo":
-            from fastppo.pipeline import demo
+            from fastppo.demo import demo
 
-            for key in ("sft_steps", "rm_steps", "ppo_iterations"):
-                if options[key] < 1:
-                    raise ValueError(f"--{key} must be >= 1; got {options[key]}")
-            demo(**options)
+            demo(DemoConfig(**options))
             return 0
         cfg = COMMANDS[name](**options)
         if name == "pipeline":

@@ -1,6 +1,7 @@
 """PPO against a reward model with a KL-style penalty to the frozen SFT model.
 
-One linear loop. Each iteration: sample prompts -> generate (KV cache) -> one no-grad forward of the
+One linear loop. Each iteration: sample prompts -> the rollout engine generates responses
+(fastppo.rollout; the Hugging Face sampler with a KV cache) -> one no-grad forward of the
 actor-critic (old log-probs, values), of the reference (reference log-probs, cached for the whole
 iteration) and of the reward model (scores) -> kl_rewards -> gae -> masked_whiten -> ppo_epochs passes
 of ppo_loss over mini-batches, with gradient clipping and AdamW. Every log-prob, reward, advantage and
@@ -19,13 +20,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from fastppo.checkpoint import resume_from, rng_state, save_atomic, set_rng_state
+from fastppo import run
 from fastppo.config import PPOConfig
-from fastppo.data import encode_prompts, pack_prompts, read_jsonl
-from fastppo.generate import generate
+from fastppo.data import encode_prompts, read_jsonl
 from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logprobs
 from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
 from fastppo.models import ActorCritic, RewardModel, load_head, load_lm, lm_logits, save_with_head
+from fastppo.rollout import Sampling
+from fastppo.rollout.hf import HFRollout
 
 PLOT_KEYS = ["score_mean", "kl", "reward", "entropy", "value_loss", "clipfrac"]
 
@@ -68,7 +70,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
     cfg.check()
     rows = read_jsonl(cfg.prompts, "ppo")
     out = Path(cfg.out)
-    torch.manual_seed(cfg.seed)
+    generator = run.setup(cfg.seed, cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
     model = ActorCritic(load_lm(cfg.policy, cfg.device)).to(cfg.device)
     ref_lm = copy.deepcopy(model.lm).eval().requires_grad_(False)  # the frozen SFT weights
@@ -76,26 +78,25 @@ def train_ppo(cfg: PPOConfig) -> Path:
     load_head(reward_model, cfg.reward_model)
     reward_model.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)  # one pass per step
-    generator = torch.Generator().manual_seed(cfg.seed)
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    # The rollout engine samples from the live policy; the trainer scores its samples at the same
+    # temperature (cfg.temperature, the one place it is set).
+    rollout = HFRollout(model.lm, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p),
+                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                        device=cfg.device, generator=generator)
+
+    def write_model(directory):
+        save_with_head(model, tokenizer, directory)
+
+    def load_model(directory):
+        model.lm.load_state_dict(load_lm(directory, cfg.device).state_dict())
+        load_head(model, directory)
+
     kl_coef, start_iteration = cfg.kl_coef, 0
-
     if cfg.resume:
-        found, state = resume_from(out)
-        model.lm.load_state_dict(load_lm(found, cfg.device).state_dict())
-        load_head(model, found)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], generator)
-        kl_coef, start_iteration = state["kl_coef"], state["iteration"]
+        state = run.resume(out, load_model, optimizer, generator, "iteration")
+        kl_coef, start_iteration = float(state["kl_coef"]), state["iteration"]
     log = MetricsLog(out, resume_step=start_iteration if cfg.resume else None)
-
-    def save(iteration):
-        def write(directory):
-            save_with_head(model, tokenizer, directory)
-            torch.save({"iteration": iteration, "optimizer": optimizer.state_dict(),
-                        "rng": rng_state(generator), "kl_coef": kl_coef},
-                       directory / "trainer_state.pt")
-        save_atomic(out / "checkpoint", write)
 
     progress = tqdm(range(start_iteration, cfg.iterations), desc="ppo", initial=start_iteration,
                     total=cfg.iterations, disable=None)
@@ -107,11 +108,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
         # with training's (gradients flow all the same).
         model.eval()
         pick = torch.randint(len(prompts), (cfg.batch_size,), generator=generator).tolist()
-        prompt_batch = pack_prompts([prompts[i] for i in pick], tokenizer.pad_token_id)
-        batch = generate(model.lm, prompt_batch.to(cfg.device), max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                         generator=generator)
+        batch = rollout.generate([prompts[i] for i in pick])
         t_generate = time.perf_counter()
         mask = batch.response_mask
 
@@ -147,10 +144,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
                             ~mb.response_mask, -100), temperature=cfg.temperature, validate=False)
                         ratio = torch.exp(lp - old_logprobs[idx])[mb.response_mask]
                         first_ratio_error = (ratio - 1).abs().max().item()
-                if not torch.isfinite(out_loss.loss):
-                    raise RuntimeError(
-                        f"PPO loss is not finite at iteration {iteration} ({out_loss.loss.item()}); "
-                        f"stopping. The last good checkpoint is in {out / 'checkpoint'}")
+                run.stop_if_not_finite(out_loss.loss, out, what="PPO loss",
+                                       at=f"iteration {iteration}")
                 optimizer.zero_grad(set_to_none=True)
                 out_loss.loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -184,7 +179,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
             error = max(-0.2, min(0.2, kl / cfg.kl_target - 1))
             kl_coef *= 1 + error / cfg.kl_horizon
         if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
-            save(iteration + 1)
+            run.save(out, write_model, optimizer, generator, iteration=iteration + 1,
+                     kl_coef=kl_coef)
     progress.close()
     plot(log.path, out / "ppo.png", PLOT_KEYS, "PPO")
     return out / "checkpoint"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from fastppo.checkpoint import resume_from, rng_state, save_atomic, set_rng_state
+from fastppo import run
 from fastppo.config import RMConfig
 from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl
 from fastppo.metrics import MetricsLog, plot
@@ -35,36 +35,30 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     """Returns (checkpoint directory, held-out pairwise accuracy)."""
     cfg.check()
     rows = read_jsonl(cfg.data, "rm")
-    torch.manual_seed(cfg.seed)
+    generator = run.setup(cfg.seed, cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     rm = RewardModel(load_lm(cfg.model, cfg.device)).to(cfg.device).train()
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     chosen = encode_responses(tokenizer, [r["chosen"] for r in rows])
     rejected = encode_responses(tokenizer, [r["rejected"] for r in rows])
-    generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(rows), generator=generator).tolist()
     n_eval = max(1, int(len(rows) * cfg.eval_fraction))
     held, train = order[:n_eval], order[n_eval:]
     if not train:
         raise ValueError(f"{cfg.data}: too few pairs to hold out {cfg.eval_fraction:.0%} and train")
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, fused=True)
-    checkpoint, start_step = Path(cfg.out) / "checkpoint", 0
-    if cfg.resume:
-        found, state = resume_from(cfg.out)
-        rm.lm.load_state_dict(load_lm(found, cfg.device).state_dict())
-        load_head(rm, found)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], generator)
-        start_step = state["step"]
-    log = MetricsLog(cfg.out, resume_step=start_step if cfg.resume else None)
 
-    def save(step, accuracy=None):
-        def write(directory):
-            save_with_head(rm, tokenizer, directory)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                        "rng": rng_state(generator), "eval_accuracy": accuracy},
-                       directory / "trainer_state.pt")
-        save_atomic(checkpoint, write)
+    def write_model(directory):
+        save_with_head(rm, tokenizer, directory)
+
+    def load_model(directory):
+        rm.lm.load_state_dict(load_lm(directory, cfg.device).state_dict())
+        load_head(rm, directory)
+
+    start_step = 0
+    if cfg.resume:
+        start_step = run.resume(cfg.out, load_model, optimizer, generator, "step")["step"]
+    log = MetricsLog(cfg.out, resume_step=start_step if cfg.resume else None)
 
     for step in range(start_step, cfg.steps):
         start = time.perf_counter()
@@ -74,20 +68,18 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
         margin = (_scores(rm, tokenizer, p, [chosen[i] for i in pick], cfg.device)
                   - _scores(rm, tokenizer, p, [rejected[i] for i in pick], cfg.device))
         loss = -F.logsigmoid(margin).mean()
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"RM loss is not finite at step {step} ({loss.item()}); stopping. "
-                               f"The last good checkpoint is in {checkpoint}")
+        run.stop_if_not_finite(loss, cfg.out, what="RM loss", at=f"step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         log.write({"step": step, "loss": loss.item(), "train_accuracy": (margin > 0).float().mean().item(),
                    "pairs_per_s": len(pick) / (time.perf_counter() - start)})
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save(step + 1)
+            run.save(cfg.out, write_model, optimizer, generator, step=step + 1, eval_accuracy=None)
     rm.eval()
     accuracy = pairwise_accuracy(rm, tokenizer, [prompts[i] for i in held], [chosen[i] for i in held],
                                  [rejected[i] for i in held], cfg.device)
     log.write({"step": cfg.steps, "eval_accuracy": accuracy})
-    save(cfg.steps, accuracy)
+    run.save(cfg.out, write_model, optimizer, generator, step=cfg.steps, eval_accuracy=accuracy)
     plot(log.path, Path(cfg.out) / "rm.png", ["loss", "train_accuracy"], "reward model")
-    return checkpoint, accuracy
+    return Path(cfg.out) / "checkpoint", accuracy

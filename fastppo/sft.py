@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from fastppo.checkpoint import resume_from, rng_state, save_atomic, set_rng_state
+from fastppo import run
 from fastppo.config import SFTConfig
 from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl
 from fastppo.kernels import token_logprobs
@@ -19,29 +19,24 @@ def train_sft(cfg: SFTConfig) -> Path:
     """Returns the checkpoint directory (a Hugging Face model directory)."""
     cfg.check()
     rows = read_jsonl(cfg.data, "sft")
-    torch.manual_seed(cfg.seed)
+    generator = run.setup(cfg.seed, cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     lm = load_lm(cfg.model, cfg.device).train()
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     responses = encode_responses(tokenizer, [r["response"] for r in rows])
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, fused=True)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    checkpoint, start_step = Path(cfg.out) / "checkpoint", 0
-    if cfg.resume:
-        found, state = resume_from(cfg.out)
-        lm.load_state_dict(load_lm(found, cfg.device).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], generator)
-        start_step = state["step"]
-    log = MetricsLog(cfg.out, resume_step=start_step if cfg.resume else None)
 
-    def save(step):
-        def write(directory):
-            lm.save_pretrained(directory, safe_serialization=True)
-            tokenizer.save_pretrained(directory)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                        "rng": rng_state(generator)}, directory / "trainer_state.pt")
-        save_atomic(checkpoint, write)
+    def write_model(directory):
+        lm.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+    def load_model(directory):
+        lm.load_state_dict(load_lm(directory, cfg.device).state_dict())
+
+    start_step = 0
+    if cfg.resume:
+        start_step = run.resume(cfg.out, load_model, optimizer, generator, "step")["step"]
+    log = MetricsLog(cfg.out, resume_step=start_step if cfg.resume else None)
 
     for step in range(start_step, cfg.steps):
         start = time.perf_counter()
@@ -52,9 +47,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         labels = batch.responses.masked_fill(~batch.response_mask, -100)
         logprobs = token_logprobs(logits, labels, validate=False)
         loss = -logprobs.sum() / batch.response_mask.sum()
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"SFT loss is not finite at step {step} ({loss.item()}); stopping. "
-                               f"The last good checkpoint is in {checkpoint}")
+        run.stop_if_not_finite(loss, cfg.out, what="SFT loss", at=f"step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -62,6 +55,6 @@ def train_sft(cfg: SFTConfig) -> Path:
         log.write({"step": step, "loss": loss.item(),
                    "tokens_per_s": tokens / (time.perf_counter() - start)})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save(step + 1)
+            run.save(cfg.out, write_model, optimizer, generator, step=step + 1)
     plot(log.path, Path(cfg.out) / "sft.png", ["loss"], "SFT")
-    return checkpoint
+    return Path(cfg.out) / "checkpoint"

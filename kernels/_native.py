@@ -1,11 +1,16 @@
 """Native CPU kernels (csrc/), compiled on first use with torch.utils.cpp_extension.
 
 Nothing is built at install time (a build-time torch would pull a CUDA wheel). The first call of a
-native op compiles csrc/*.cpp with the system C++ compiler and ninja into the cache directory
+native op compiles csrc/*.cpp with the system C++ compiler and ninja into one module: one source per
+op (token_logprobs.cpp, ppo_loss.cpp, gae.cpp; a new op's .cpp is picked up with no edit here), the
+shared row helpers in the header rows.h, and bindings.cpp, the one file with the pybind11 module and
+its m.def of each op. The build goes to the cache directory
     $FASTPPO_CACHE/native, or ~/.cache/fastppo/native   (XDG_CACHE_HOME is honoured)
 one build per CPU capability (AVX512, AVX2, DEFAULT), reused by later runs and rebuilt by
-cpp_extension when the sources or flags change. Where the build fails (no compiler, no ninja), the
-"auto" backend warns once and uses the PyTorch reference; backend="native" raises with the reason.
+cpp_extension when the sources or flags change (ninja's depfiles catch an edit of a header). The rows
+of ppo_loss's per-token buffer come from kernels/ppo_loss.py's STATS, passed as -DPPO_STAT_<NAME>=<row>.
+Where the build fails (no compiler, no ninja), the "auto" backend warns once and uses the PyTorch
+reference; backend="native" raises with the reason.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("token_logprobs.cpp",)
+SOURCES = "*.cpp"  # every C++ source in csrc/, sorted: one per op, plus bindings.cpp
 
 
 def cache_dir() -> Path:
@@ -34,12 +39,25 @@ def source_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def sources() -> list[Path]:
+    """The C++ sources compiled into the module: every csrc/*.cpp, sorted."""
+    return sorted(source_dir().glob(SOURCES))
+
+
 def _flags() -> list[str]:
     capability = torch.backends.cpu.get_cpu_capability()  # what ATen itself dispatches to here
     flags = ["-O3", "-fopenmp", "-march=native", f"-DCPU_CAPABILITY={capability}"]
     if capability in ("AVX2", "AVX512"):
         flags.append(f"-DCPU_CAPABILITY_{capability}")
     return flags
+
+
+def _stat_defines() -> list[str]:
+    """-DPPO_STAT_<NAME>=<row> for each row of ppo_loss's per-token buffer, and -DPPO_STAT_COUNT."""
+    from fastppo.kernels.ppo_loss import STATS  # here, not at import: ppo_loss imports this module
+
+    return [f"-DPPO_STAT_{name}={row}" for row, name in enumerate(STATS)] + [
+        f"-DPPO_STAT_COUNT={len(STATS)}"]
 
 
 @lru_cache(maxsize=None)
@@ -53,8 +71,8 @@ def _build():
     try:
         return cpp_extension.load(
             name=f"fastppo_native_{capability}",
-            sources=[str(source_dir() / s) for s in SOURCES],
-            extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+            sources=[str(s) for s in sources()],
+            extra_cflags=_flags() + _stat_defines(), extra_ldflags=["-fopenmp"],
             build_directory=str(build), verbose=os.environ.get("FASTPPO_VERBOSE_BUILD") == "1")
     except Exception as e:  # compiler or ninja missing, or a failed compile
         return e

@@ -68,13 +68,26 @@ def launch_config(V: int) -> tuple[int, int]:
     return block, (4 if block <= 1024 else 8)
 
 
+def _rows_overlap(x3) -> bool:
+    """Whether two elements of x3 may share memory: with its dims sorted by stride, some stride is
+    smaller than the span of the dims below it (always so for a stride-0, expanded dim)."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x3.stride(), x3.shape) if sz > 1):
+        if stride < span:
+            return True
+        span = stride * (size - 1) + span
+    return False
+
+
 def gradient_buffer(x3, logits, shape, inplace):
     """Where a backward writes the logits' gradient: (that buffer as an (outer, inner, V) view, the
     gradient to return for `logits`). A fresh contiguous buffer, or with `inplace` the logits' own
     storage (see ppo_loss(inplace_backward=True)): each row is read before it is overwritten, and the
     version counter is bumped so that any other autograd node that saved these logits raises
-    autograd's "modified by an inplace operation" error instead of reading gradients."""
-    if inplace:
+    autograd's "modified by an inplace operation" error instead of reading gradients. Rows that share
+    memory (an expanded view, stride 0) get the fresh buffer: one row's gradient would overwrite
+    logits that another row has yet to read."""
+    if inplace and not _rows_overlap(x3):
         grad = logits if x3.data_ptr() == logits.data_ptr() else x3.view(shape)
         torch.autograd.graph.increment_version(grad)
         return x3, grad

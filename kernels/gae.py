@@ -135,7 +135,7 @@ class _RewardToGo(torch.autograd.Function):
 
 
 class _NativeGAE(torch.autograd.Function):
-    """The C++ loops of csrc/token_logprobs.cpp (CPU): one thread per row, same math."""
+    """The C++ loops of csrc/gae.cpp (CPU): one thread per row, same math."""
 
     @staticmethod
     def forward(ctx, rewards, values, mask, gamma, lam):
@@ -198,3 +198,15 @@ def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.
     if backend == "native":  # GAE with V = 0 and lam = 1 is the reward-to-go
         return _NativeGAE.apply(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[0]
     return _RewardToGo.apply(rewards, mask, gamma)
+
+
+def compile_variants():
+    """Example launches for the ahead-of-time compile check (tests/ops/test_compile.py): GAE (with
+    values), reward-to-go (without) and the two mirrored scans of GAE's backward, on meta tensors."""
+    rows = lambda dt=torch.float32: torch.empty((4, 3000), dtype=dt, device="meta")  # noqa: E731
+    mask = rows(torch.bool)
+    yield "gae-bf16", lambda: _scan(rows(torch.bfloat16), rows(torch.bfloat16), mask, 0.99,
+                                    0.99 * 0.95)
+    yield "reward_to_go-fp32", lambda: _scan(rows(), None, mask, 1.0, 0.99)
+    yield "backward", lambda: (_forward_scan(rows(), mask, 0.99 * 0.95),
+                               _previous_valid(rows(), mask))

@@ -156,3 +156,13 @@ def kl_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch
         return ref(logprobs, ref_logprobs, scores)
     fast = lambda lp, rlp, sc: _kl_rewards_triton(lp, rlp, sc, mask, kl_coef, estimator)  # noqa: E731
     return with_reference_backward(fast, ref, logprobs, ref_logprobs, scores)
+
+
+def compile_variants():
+    """Example launches for the ahead-of-time compile check (tests/ops/test_compile.py): both kernels
+    per estimator, kl_penalty on bf16 log-probs, kl_rewards on float32 ones, on meta tensors."""
+    rows = lambda dt=torch.float32: torch.empty((4, 3000), dtype=dt, device="meta")  # noqa: E731
+    for est in ESTIMATORS:
+        yield est, lambda est=est: (
+            _kl_penalty_triton(rows(torch.bfloat16), rows(), est),
+            _kl_rewards_triton(rows(), rows(), rows()[:, 0], rows(torch.bool), 0.05, est))

@@ -409,7 +409,8 @@ def ppo_loss(
             buffer (saves an (N, V) allocation). After backward the logits tensor holds its
             gradient. Refused for a leaf tensor; any other autograd node that saved these logits
             raises autograd's usual "modified by an inplace operation" error rather than reading
-            gradients. Honoured by the "triton" and "native" backends; "torch" allocates.
+            gradients. Honoured by the "triton" and "native" backends; "torch" allocates, and so
+            does any backend for logits whose rows share memory (an expanded view).
         Every tensor argument may be any view (strided, transposed, sliced, expanded).
 
     Returns: PPOLossOutput (fastppo.kernels.reference) with the differentiable `loss` and detached
@@ -471,3 +472,38 @@ def ppo_loss(
         clipfrac=token_mean(stats[int(CLIPPED)]),
         value_clipfrac=None if values is None else token_mean(stats[int(VCLIPPED)]),
     )
+
+
+def compile_variants():
+    """Example launches for the ahead-of-time compile check (tests/ops/test_compile.py): forward and
+    backward with every flag on (KL k1, k2, k3) or all off, per logits dtype; 64-bit row strides (all,
+    or the outer one) with the gradient written in place, or 32-bit ones into a fresh buffer; on meta
+    tensors: nothing is allocated or run."""
+    on = dict(clip_eps=0.2, dual_clip=3.0, value_clip=0.2, entropy_coef=0.01, kl_coef=0.1)
+    off = dict(clip_eps=None, value_clip=None)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+              "fp64": torch.float64, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
+
+    def launch(dt, labels_dt, flags, kl, strides):
+        opts = PPOLossOptions(**(on if flags else off), kl_estimator=kl,
+                              inplace_backward=strides != "i32")
+        V = 151936  # (2, 3, V) logits; i64: strides past 2**31 elements
+        strides = {"i32": (3 * V, V, 1), "i64": (2**34, 2**32, 1), "i64-outer": (2**34, V, 1)}[strides]
+        logits = torch.empty_strided((2, 3, V), strides, dtype=dtypes[dt], device="meta")
+        x3 = as_outer_inner(logits)
+        tok = lambda dt="fp32": torch.empty(6, dtype=dtypes[dt], device="meta")  # noqa: E731
+        labels, mask, weights = tok(labels_dt), tok("bool").view(torch.uint8), tok()
+        values = tok("bf16") if flags else None
+        stats = _forward(x3, labels, mask, weights, tok(), tok(), values, values, values,
+                         tok() if opts.kl_coef else None, opts)
+        g3, _ = gradient_buffer(x3, logits, logits.shape, opts.inplace_backward)
+        _backward(x3, labels, mask, weights, stats, tok()[:1], g3,
+                  None if values is None else torch.empty_like(values), opts)
+
+    for v in [("bf16", "i64", True, "k3", "i64"), ("bf16", "i64", False, "k3", "i64"),
+              ("fp32", "i64", True, "k1", "i64"), ("fp16", "i32", True, "k2", "i64"),
+              ("bf16", "i64", True, "k3", "i64-outer"), ("bf16", "i64", True, "k3", "i32"),
+              ("fp64", "i64", True, "k3", "i32")]:
+        dt, labels_dt, flags, kl, strides = v
+        yield (f"{dt}-labels={labels_dt}-flags={flags}-kl={kl if flags else 'off'}-strides={strides}",
+               lambda v=v: launch(*v))

@@ -229,3 +229,25 @@ def token_logprobs(
                                        bool(return_entropy))
     logprobs = logprobs.view(labels.shape)
     return (logprobs, entropy.view(labels.shape)) if return_entropy else logprobs
+
+
+def compile_variants():
+    """Example launches for the ahead-of-time compile check (tests/ops/test_compile.py): forward and
+    backward per logits dtype, with and without entropy, with 32-bit row strides, 64-bit ones (int32
+    labels with those) or a 64-bit outer one, on meta tensors: nothing is allocated or run."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+              "fp64": torch.float64, "i32": torch.int32, "i64": torch.int64}
+
+    def launch(dt, labels_dt, entropy, strides):
+        V = 151936  # (2, 3, V) logits; i64: strides past 2**31 elements
+        strides = {"i32": (3 * V, V, 1), "i64": (2**34, 2**32, 1), "i64-outer": (2**34, V, 1)}[strides]
+        x3 = as_outer_inner(torch.empty_strided((2, 3, V), strides, dtype=dtypes[dt], device="meta"))
+        labels = torch.empty(6, dtype=dtypes[labels_dt], device="meta")
+        logprobs, h, row_max, log_sum = _forward(x3, labels, 0.7, -100, entropy)
+        _backward(x3, labels, row_max, log_sum, h, torch.empty_like(logprobs),
+                  torch.empty_like(h) if entropy else None, 0.7, -100, dtypes[dt])
+
+    grid = [(dt, "i32" if wide else "i64", entropy, "i64" if wide else "i32")
+            for dt in ("bf16", "fp16", "fp32") for entropy in (False, True) for wide in (False, True)]
+    for v in grid + [("fp64", "i64", True, "i32"), ("bf16", "i64", True, "i64-outer")]:
+        yield f"{v[0]}-labels={v[1]}-entropy={v[2]}-strides={v[3]}", functools.partial(launch, *v)

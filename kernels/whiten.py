@@ -86,3 +86,11 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
         return ref(x)
     fast = functools.partial(_whiten_triton, mask=mask, shift_mean=shift_mean, eps=eps)
     return with_reference_backward(fast, ref, x)
+
+
+def compile_variants():
+    """Example launches for the ahead-of-time compile check (tests/ops/test_compile.py): both passes,
+    with and without the mean shifted back, on float32 and bf16 meta tensors."""
+    x = lambda dt: torch.empty((4, 3000), dtype=dt, device="meta")  # noqa: E731
+    yield "fp32-shift=True", lambda: _whiten_triton(x(torch.float32), x(torch.bool), True, 1e-8)
+    yield "bf16-shift=False", lambda: _whiten_triton(x(torch.bfloat16), x(torch.bool), False, 1e-8)

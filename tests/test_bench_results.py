@@ -1,13 +1,22 @@
-"""bench/common.py's result files: rows keep their columns when a later row brings a new one."""
+"""The benchmarks' harness (bench/common.py) and result files: rows keep their columns when a later row
+brings a new one; set-up is not timed; a kept buffer can be left out of the peak; bench/ops.py finds
+each op's benchmark by its file (bench/op_<op>.py); ops.py and bench_cpu.py write the columns of the
+committed CSVs."""
 import csv
 import sys
-
-import pytest
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import pytest
+import torch
 
-from common import append_csv  # noqa: E402
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+RESULTS = BENCH / "results"
+sys.path.insert(0, str(BENCH))
+
+import bench_cpu  # noqa: E402
+import ops  # noqa: E402
+from common import append_csv, peak_mib, time_ms  # noqa: E402
 
 
 def test_append_csv_widens_the_header(tmp_path):
@@ -23,7 +32,6 @@ def test_append_csv_widens_the_header(tmp_path):
     assert not path.with_suffix(".tmp").exists()
 
 
-
 def test_append_csv_refuses_a_misaligned_file(tmp_path):
     for text in ("a,b\n1,2,3\n", "a,b,c\n1,2\n"):
         path = tmp_path / "bad.csv"
@@ -31,3 +39,62 @@ def test_append_csv_refuses_a_misaligned_file(tmp_path):
         with pytest.raises(ValueError, match="bad.csv:2"):
             append_csv(str(path), [{"a": "4", "b": "5", "d": "6"}])
         assert path.read_text() == text
+
+
+# ------------------------------------------------------------------- the harness (bench/common.py)
+
+def test_time_ms_runs_setup_untimed_and_passes_its_result():
+    seen = []
+
+    def setup():
+        time.sleep(0.05)
+        return len(seen)
+    med, p20, p80 = time_ms(seen.append, "cpu", repeat=3, warmup=1, setup=setup)
+    assert seen == [0, 1, 2, 3]
+    assert p20 <= med <= p80 and med < 40  # the 50 ms set-up is not in the times
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS needs Linux /proc")
+def test_peak_mib_excludes_what_fn_keeps():
+    mib = 64
+    keep = []
+
+    def fn(n=mib * 2**18):
+        keep.append(torch.ones(n))  # touched pages: RSS grows by `mib`
+    assert peak_mib(fn, "cpu") >= 0.9 * mib
+    keep.clear()
+    assert peak_mib(fn, "cpu", exclude_bytes=mib * 2**20) < 0.25 * mib
+    keep.clear()
+    assert peak_mib(lambda state: None, "cpu", setup=lambda: torch.ones(mib * 2**18)) < 0.25 * mib
+
+
+# --------------------------------------------------------------- the benchmarks' CSV columns
+
+def header(path):
+    with open(path, newline="") as fh:
+        return next(csv.reader(fh))
+
+
+def test_ops_finds_each_op_benchmark_by_its_file_and_keeps_the_columns(tmp_path):
+    modules = ops.discover()
+    assert {op: m.__name__ for op, m in modules.items()} == {
+        "gae": "op_gae", "ppo_loss": "op_ppo_loss", "token_logprobs": "op_token_logprobs",
+        "token_logprobs+entropy": "op_token_logprobs"}
+    for module in modules.values():
+        assert callable(module.cases) and callable(module.providers) and callable(module.objective)
+    out = tmp_path / "ops.csv"
+    assert ops.main(["--ops", "gae", "--quick", "--only", "eager", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert header(out) == header(RESULTS / "ops.csv")
+    assert [(r["op"], r["provider"], r["shape"], r["mode"], r["floor_bytes"]) for r in rows] == [
+        ("gae", "eager", "4x64", "fwd", "4352"), ("gae", "eager", "4x64", "bwd", "4352"),
+        ("gae", "eager", "4x64", "fwd+bwd", "8704")]
+
+
+def test_bench_cpu_keeps_the_columns(tmp_path):
+    out = tmp_path / "cpu.csv"
+    bench_cpu.main(["--rows", "16", "--vocab", "50", "--repeat", "1", "--only", "eager",
+                    "--entropy", "off", "--csv", str(out)])
+    assert header(out) == header(RESULTS / "cpu.csv")
+    (row,) = csv.DictReader(out.open())
+    assert (row["rows"], row["vocab"], row["provider"], row["entropy"]) == ("16", "50", "eager", "False")

@@ -6,6 +6,7 @@ from conftest import DEVICE
 from fastppo.kernels import reference
 from fastppo.kernels._checks import triton_interpreting
 from fastppo.kernels import ppo_loss, token_logprobs
+from op_testing import LAYOUTS, VIEWS, VOCAB_VIEWS, layout, view_of, views_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter
 
@@ -345,3 +346,51 @@ def test_garbage_at_invalid_positions_never_leaks(backend):
     torch.testing.assert_close(gl_d, gl_c, atol=0, rtol=0)
     assert torch.isfinite(gv_d).all() and (gv_d[pad] == 0).all()
     torch.testing.assert_close(gv_d[~pad], gv_c[~pad], atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------- every view of every argument
+
+ARGS = ["logits", "labels", "old_logprobs", "advantages", "mask", "values", "old_values", "returns",
+        "ref_logprobs"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", LAYOUTS + VOCAB_VIEWS)
+def test_views_of_every_argument(backend, kind):
+    # Every tensor argument as a strided / transposed / offset / expanded view (and logits with a
+    # strided or transposed vocabulary dim): loss, stats and the gradients reaching the logits' and
+    # the values' leaves, against the reference on contiguous copies of the same views.
+    batch = make_batch(3, 5, 37, torch.float32, seed=8)
+    batch["logits"] = batch["logits"][:, :-1].contiguous()
+    batch["mask"][0] = torch.tensor([True, False, True, True, False])  # the row "expanded" repeats
+    op, ref, leaves, leaves64 = views_of(batch, layout(kind, ARGS), grads=["logits", "values"])
+    opts = dict(temperature=0.9, entropy_coef=0.02, kl_coef=0.1, dual_clip=3.0,
+                reduction="seq-mean-token-mean")
+    out = ppo_loss(*(op[k] for k in ARGS[:5]), **{k: op[k] for k in ARGS[5:]}, backend=backend,
+                   **opts)
+    (out.loss * -1.7).backward()
+    want = reference.ppo_loss(*(ref[k] for k in ARGS[:5]), **{k: ref[k] for k in ARGS[5:]}, **opts)
+    (want.loss * -1.7).backward()
+    assert_matches((out, leaves["logits"].grad, leaves["values"].grad),
+                   (want, leaves64["logits"].grad, leaves64["values"].grad), torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("kind", VIEWS + VOCAB_VIEWS)
+def test_inplace_backward_on_views_of_the_logits(backend, kind):
+    # Logits made by an op (not a leaf) and passed as a view: the in-place backward must give exactly
+    # the out-of-place gradient. The rows of an expanded view share memory, where writing one row's
+    # gradient in place would overwrite logits that another row has yet to read: it allocates instead.
+    batch = make_batch(3, 5, 37, torch.float32, seed=9)
+    base, make = view_of(batch["logits"][:, :-1].contiguous(), kind)
+    base = base.nan_to_num()
+    args = [batch[k] for k in ("labels", "old_logprobs", "advantages", "mask")]
+    grads = []
+    for inplace in (False, True):
+        bias = torch.zeros_like(base, requires_grad=True)
+        out = ppo_loss(make(base + bias), *args, entropy_coef=0.02, inplace_backward=inplace,
+                       backend=backend)
+        (out.loss * 2.5).backward()
+        grads.append(bias.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)

@@ -1,15 +1,18 @@
-"""Sampling with a KV cache: temperature, top-k, top-p and EOS.
+"""The Hugging Face rollout engine: sampling from the live policy with a KV cache (temperature, top-k,
+top-p, EOS).
 
 The sampler only picks tokens. The rollout's log-probs are not taken from it: they are recomputed by
 the training forward on the generated tokens with the same temperature (fastppo.ppo), so the first PPO
-step sees ratio = 1 whatever the sampler's filtering.
+step sees ratio = 1 whatever the sampler's filtering. It samples from the policy's own weights, so
+there is nothing to synchronise between iterations.
 """
 from __future__ import annotations
 
 import torch
 
-from fastppo.data import Batch
+from fastppo.data import Batch, pack_prompts
 from fastppo.models import backbone
+from fastppo.rollout import Sampling
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -73,3 +76,20 @@ def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top
     response_mask = torch.stack(new_mask, 1)
     return Batch(torch.cat([ids, responses], 1), torch.cat([attn, response_mask], 1), response_mask,
                  prompts.prompt_len)
+
+
+class HFRollout:
+    """`generate(prompts) -> Batch` (see fastppo.rollout.Rollout) with the sampler above, drawing its
+    uniforms from `generator` (the run's generator: a seed fixes the samples)."""
+
+    def __init__(self, lm, sampling: Sampling, *, eos_id: int, pad_id: int, device,
+                 generator: torch.Generator):
+        self.lm, self.sampling, self.generator = lm, sampling, generator
+        self.eos_id, self.pad_id, self.device = eos_id, pad_id, device
+
+    def generate(self, prompts: list[list[int]]) -> Batch:
+        s = self.sampling
+        return generate(self.lm, pack_prompts(prompts, self.pad_id).to(self.device),
+                        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                        top_p=s.top_p, eos_id=self.eos_id, pad_id=self.pad_id,
+                        generator=self.generator)

@@ -17,6 +17,7 @@ from fastppo.kernels import _chunked as chunked, reference
 from fastppo.kernels._checks import triton_interpreting
 from fastppo.kernels import token_logprobs
 from fastppo.kernels._layout import as_outer_inner
+from op_testing import LAYOUTS, VOCAB_VIEWS, layout, upstream, views_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter
 
@@ -337,10 +338,14 @@ def test_backend_from_environment(monkeypatch):
         token_logprobs(logits, labels)
 
 
-def test_auto_backend_on_cpu_is_the_chunked_reference(monkeypatch):
+def test_auto_backend_on_cpu_is_native_where_an_op_has_native_kernels(monkeypatch):
+    # "auto" on CPU: the native kernels for an op that has them (native_dtype is its logits' dtype),
+    # the chunked reference for an op without (native_dtype None) or a dtype they do not take.
     monkeypatch.delenv("FASTPPO_BACKEND", raising=False)
     from fastppo.kernels._checks import resolve_backend
+    assert resolve_backend("auto", torch.device("cpu"), native_dtype=torch.float32) == "native"
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu"), native_dtype=torch.float64) == "torch"
 
 
 BAD = [
@@ -387,7 +392,7 @@ def test_tensors_on_different_devices_meta():
 def test_bare_kernels_import_fails_loudly_but_lets_transformers_probe():
     # From the repository root, `kernels` shadows the PyPI package of that name. Using it fails
     # loudly; transformers, which probes for that package by importing it, must still import.
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     for code in ("from kernels import token_logprobs", "import kernels; kernels.ppo_loss"):
         proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
         assert proc.returncode != 0
@@ -403,3 +408,60 @@ def test_realistic_shape_bf16():
     logits, labels = make_inputs((3, 423), 32000, torch.bfloat16, seed=3)
     got, want = run_both(logits[:, :-1], labels[:, 1:], "triton", temperature=0.9)
     assert_matches(got, want, torch.bfloat16, "triton")
+
+
+# ------------------------------------------------------------------- every view of every argument
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", LAYOUTS + VOCAB_VIEWS)
+def test_views_of_every_argument(backend, kind):
+    # logits and labels as strided / transposed / offset / expanded views (and logits with a strided
+    # or transposed vocabulary dim): values and the gradient reaching the logits' leaf, against the
+    # reference on contiguous copies of the same views.
+    logits, labels = make_inputs((3, 4), 37, torch.float32, seed=4)
+    labels[0, 1] = -100  # row 0 is the one an expanded view repeats: an ignored position there too
+    op, ref, leaves, leaves64 = views_of(dict(logits=logits, labels=labels),
+                                         layout(kind, ["logits", "labels"]), grads=["logits"])
+    g_lp, g_ent = upstream(labels.shape, 1), upstream(labels.shape, 2)
+    lp, ent = token_logprobs(op["logits"], op["labels"], temperature=0.8, return_entropy=True,
+                             backend=backend)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    lp64, ent64 = reference.token_logprobs(ref["logits"], ref["labels"], temperature=0.8,
+                                           return_entropy=True)
+    (lp64 * g_lp + ent64 * g_ent).sum().backward()
+    assert_matches((lp, ent, leaves["logits"].grad), (lp64, ent64, leaves64["logits"].grad),
+                   torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_column_of_an_index_tensor_regression(backend):
+    # The bug report: labels = index[:, 0] has stride 2, and the Triton kernel read it as contiguous
+    # ([3, 1] instead of [3, 2]), giving log(.3) for the second row.
+    logits = torch.log(torch.tensor([[.1, .2, .3, .4], [.4, .3, .2, .1]])).to(DEVICE)
+    labels = torch.tensor([[3, 1], [2, 0]], device=DEVICE)[:, 0]
+    lp = token_logprobs(logits, labels, backend=backend)
+    assert round(lp[1].item(), 4) == -1.6094
+    torch.testing.assert_close(lp.cpu(), torch.log(torch.tensor([.4, .2])), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("j", [0, 2])
+def test_labels_from_a_b_t_k_index_tensor(backend, j):
+    # labels = index[..., j] of a (B, T, k) index tensor: values and gradient; the other columns may
+    # hold anything (not read, not validated); an out-of-range label in column j is an error.
+    logits, _ = make_inputs((2, 5), 29, torch.float32, seed=6)
+    g = torch.Generator().manual_seed(j)
+    index = torch.randint(0, 29, (2, 5, 3), generator=g)
+    others = [c for c in range(3) if c != j]
+    index[..., others[0]] = -3  # out of range, in the columns that are not the labels
+    index[..., others[1]] = 29
+    index[0, 1, j] = -100
+    index = index.to(DEVICE)
+    labels = index[..., j]
+    got, want = run_both(logits, labels, backend, temperature=1.1)
+    assert_matches(got, want, torch.float32, backend)
+    bad = index.clone()
+    bad[1, 3, j] = 29
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 29\)"):
+        token_logprobs(logits, bad[..., j], backend=backend)

@@ -112,3 +112,64 @@ def test_auto_prefers_native_on_cpu(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu"), native_dtype=torch.bfloat16) == "native"
     assert resolve_backend("auto", torch.device("cpu"), native_dtype=torch.float64) == "torch"
     assert resolve_backend("auto", torch.device("cpu")) == "torch"  # ops without native kernels
+
+
+def test_module_exposes_exactly_the_documented_functions():
+    module = native.module()
+    names = {name for name in dir(module) if not name.startswith("_")}
+    assert names == {"token_logprobs_forward", "token_logprobs_backward", "ppo_loss_terms",
+                     "gae_forward", "gae_backward"}
+    for name in names:  # pybind11's __doc__: the signature, then the docstring from bindings.cpp
+        doc = getattr(module, name).__doc__
+        assert doc.startswith(f"{name}(") and "(CPU)" in doc, doc
+
+
+def test_cpp_stats_rows_follow_STATS():
+    """ppo_loss_terms writes every row where kernels/ppo_loss.py's STATS puts it (the rows are
+    compiled in from STATS), and leaves the caller's rows (LP, ENTROPY, MAX, LOGSUM) alone."""
+    from fastppo.kernels.ppo_loss import STATS
+
+    torch.manual_seed(2)
+    n = 257
+    lp, ent = torch.randn(n) * 0.3 - 2, torch.rand(n) + 1
+    old, adv, ref = lp + 0.3 * torch.randn(n), torch.randn(n), lp + 0.2 * torch.randn(n)
+    values, returns = torch.randn(n), torch.randn(n)
+    old_values = values + 0.3 * torch.randn(n)
+    weights, mask = torch.rand(n) + 0.5, torch.rand(n) < 0.8
+    row = {name: i for i, name in enumerate(STATS)}
+    stats = torch.full((len(STATS), n), float("nan"))
+    caller = dict(LP=lp, ENTROPY=ent, MAX=torch.full((n,), 7.0), LOGSUM=torch.full((n,), 9.0))
+    for name, t in caller.items():
+        stats[row[name]] = t
+    native.module().ppo_loss_terms(
+        stats, mask.to(torch.uint8), weights, old, adv, values, old_values, returns, ref,
+        True, 0.8, 1.2, False, 0.0, True, 0.2, 0.5, 0.01, 0.1, 1)  # clip, value clip, k1 KL
+
+    ratio = (lp - old).clamp(-20, 20).exp()
+    pg_unclipped, pg_clipped = -adv * ratio, -adv * ratio.clamp(0.8, 1.2)
+    clipped = pg_clipped > pg_unclipped
+    vc = torch.minimum(torch.maximum(values, old_values - 0.2), old_values + 0.2)
+    vf_unclipped, vf_clipped = (values - returns) ** 2, (vc - returns) ** 2
+    vclipped = vf_clipped > vf_unclipped
+    vf = 0.5 * torch.maximum(vf_unclipped, vf_clipped)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    written = dict(
+        PG=pg, VF=vf, CLIPPED=clipped.float(), VCLIPPED=vclipped.float(),
+        LOSS=pg - 0.01 * ent + 0.1 * (lp - ref) + 0.5 * vf,
+        DLP=weights * (torch.where(clipped, 0.0, -adv * ratio) + 0.1),
+        DV=weights * 0.5 * torch.where(vclipped, 0.0, values - returns))
+    assert set(written) | set(caller) == set(STATS)
+    assert 0 < clipped[mask].float().mean() < 1 and 0 < vclipped[mask].float().mean() < 1
+    for name in STATS:
+        want = caller[name] if name in caller else torch.where(mask, written[name], 0.0)
+        torch.testing.assert_close(stats[row[name]], want, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_ppo_loss_terms_refuses_a_buffer_of_another_height():
+    from fastppo.kernels.ppo_loss import STATS
+
+    n = 4
+    args = (torch.ones(n, dtype=torch.uint8),) + (torch.zeros(n),) * 3 + (None,) * 4
+    with pytest.raises(RuntimeError, match=f"float32 \\({len(STATS)}, N\\) buffer"):
+        native.module().ppo_loss_terms(torch.zeros(len(STATS) - 1, n), *args, False, 0.8, 1.2,
+                                       False, 0.0, False, 0.0, 0.1, 0.0, 0.0, 0)

@@ -1,0 +1,37 @@
+"""Rollout engines: where the PPO loop gets its samples.
+
+The loop asks a rollout object for a batch, `rollout.generate(prompts) -> Batch`, and never calls a
+sampler itself. Today's engine is the Hugging Face sampler with a KV cache (`hf.py`); another engine
+(vLLM) is a second file beside it, not a branch in the loop. An engine only picks tokens: the trainer
+recomputes every log-prob with its own forward at the same temperature (fastppo.ppo), which is what
+makes the first PPO mini-batch see ratio = 1 whatever the engine's numerics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from fastppo.data import Batch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are drawn. The trainer scores them at this same `temperature`; top-k and top-p
+    filtering are the sampler's alone (the trained distribution is the unfiltered one)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+class Rollout(Protocol):
+    """What the PPO loop needs of a rollout engine."""
+
+    sampling: Sampling
+
+    def generate(self, prompts: list[list[int]]) -> Batch:
+        """Responses for `prompts` (token ids, each starting with BOS), packed with them into one
+        Batch (left-padded prompts, right-padded responses, tokens after EOS masked out) on the
+        training device."""
+        ...

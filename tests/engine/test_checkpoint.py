@@ -1,0 +1,160 @@
+"""Checkpoints: atomic writes, and a trainer state that resumes exactly and loads without running code
+(a tampered or older pickle state is refused with a clear error, never executed)."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from fastppo import checkpoint, run
+from fastppo.checkpoint import LEGACY_STATE, STATE_JSON, STATE_TENSORS, load_state, save_state
+from fastppo.config import SFTConfig
+from fastppo.sft import train_sft
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def test_checkpoint_writes_are_atomic(tmp_path):
+    target = tmp_path / "ckpt"
+    checkpoint.save_atomic(target, lambda d: (d / STATE_JSON).write_text("first"))
+
+    def crash(directory):
+        (directory / STATE_JSON).write_text("half")
+        raise KeyboardInterrupt("killed mid-save")
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic(target, crash)
+    assert (target / STATE_JSON).read_text() == "first"
+    # A crash between the two renames leaves the previous checkpoint at .old: latest() finds it.
+    target.rename(tmp_path / "ckpt.old")
+    assert checkpoint.latest(target) == tmp_path / "ckpt.old"
+
+
+def trained_optimizer():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95), fused=True)
+    for _ in range(2):
+        model(torch.randn(5, 3)).sum().backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, float) and a != a:
+        assert b != b
+    else:
+        assert type(a) is type(b) and a == b
+
+
+def test_state_round_trips_exactly(tmp_path):
+    _, optimizer = trained_optimizer()
+    generator = torch.Generator().manual_seed(5)
+    torch.rand(3, generator=generator)
+    state = {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(generator),
+             "step": 7, "kl_coef": 0.1 + 1e-17, "eval_accuracy": None, "note": "x",
+             "odd": [float("inf"), float("nan"), -0.0, True, (1, (2.5,)), {3: "int key"}]}
+    save_state(tmp_path, state)
+    assert_same(state, load_state(tmp_path))
+    # Human-readable: the numbers and names are in the JSON, the tensors only in safetensors.
+    body = json.loads((tmp_path / STATE_JSON).read_text())
+    assert body["state"]["step"] == 7 and body["state"]["optimizer"]["param_groups"][0]["lr"] == 1e-2
+
+
+def test_state_refuses_what_it_cannot_store(tmp_path):
+    with pytest.raises(TypeError, match="cannot store object at /bad"):
+        save_state(tmp_path, {"bad": object()})
+
+
+def evil_pickle(path, marker):
+    """A trainer_state.pt that runs a shell command when loaded the way resume used to load it."""
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    torch.save({"step": 1, "optimizer": Evil()}, path)
+
+
+def sft_config(small_run, target, **overrides):
+    out, _ = small_run
+    settings = dict(steps=2, batch_size=4, save_every=1) | overrides
+    return SFTConfig(data=str(out / "data" / "sft.jsonl"), model=str(out / "base"), out=str(target),
+                     **settings)
+
+
+def test_tampered_pickle_state_is_refused_not_executed(small_run, tmp_path):
+    train_sft(sft_config(small_run, tmp_path / "run"))
+    found = tmp_path / "run" / "checkpoint"
+    (found / STATE_JSON).unlink()
+    (found / STATE_TENSORS).unlink()
+    marker = tmp_path / "pwned"
+    evil_pickle(found / LEGACY_STATE, marker)
+    with pytest.raises(ValueError, match=r"older format.*python -m fastppo.checkpoint convert"):
+        train_sft(sft_config(small_run, tmp_path / "run", steps=3, resume=True))
+    # Explicit conversion reads with weights_only=True: refused too.
+    with pytest.raises(ValueError, match="refused by torch.load"):
+        checkpoint.convert_legacy(found)
+    assert not marker.exists()
+    # The test can fail: the same file, loaded as resume used to load it, runs the command.
+    torch.load(found / LEGACY_STATE, weights_only=False)
+    assert marker.exists()
+
+
+def test_older_checkpoint_converts_explicitly_and_resumes_exactly(small_run, tmp_path):
+    train_sft(sft_config(small_run, tmp_path / "straight", steps=4))
+    train_sft(sft_config(small_run, tmp_path / "resumed"))
+    found = tmp_path / "resumed" / "checkpoint"
+    # Rewrite the state as the older format did (a torch.save pickle of the same dict).
+    torch.save(load_state(found), found / LEGACY_STATE)
+    (found / STATE_JSON).unlink()
+    (found / STATE_TENSORS).unlink()
+    with pytest.raises(ValueError, match="older format"):
+        train_sft(sft_config(small_run, tmp_path / "resumed", steps=4, resume=True))
+    assert checkpoint.main(["convert", str(found)]) == 0
+    assert (found / STATE_JSON).exists() and not (found / LEGACY_STATE).exists()
+    train_sft(sft_config(small_run, tmp_path / "resumed", steps=4, resume=True))
+    rows = {name: [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+                   for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("straight", "resumed")}
+    assert rows["resumed"] == rows["straight"]
+
+
+@pytest.mark.parametrize("tamper,message", [
+    (lambda d: (d / STATE_JSON).write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / STATE_JSON).write_text('{"format": "other", "state": {}}'),
+     "not a fastppo trainer state"),
+    (lambda d: (d / STATE_JSON).write_text(
+        (d / STATE_JSON).read_text().replace('"__tuple__"', '"__call__"', 1)), "unknown tag"),
+    (lambda d: (d / STATE_JSON).write_text(
+        (d / STATE_JSON).read_text().replace('/rng/torch"', '/rng/elsewhere"')), "is missing from"),
+    (lambda d: (d / STATE_TENSORS).write_bytes(b"\x00" * 64), "not a valid safetensors file"),
+    (lambda d: (d / STATE_TENSORS).unlink(), "checkpoint is incomplete"),
+    (lambda d: (d / STATE_JSON).write_text(
+        (d / STATE_JSON).read_text().replace('"step": 2', '"step": "2"')), "no integer 'step'"),
+])
+def test_tampered_state_is_refused_with_a_clear_error(small_run, tmp_path, tamper, message):
+    train_sft(sft_config(small_run, tmp_path / "run"))
+    tamper(tmp_path / "run" / "checkpoint")
+    with pytest.raises(ValueError, match=message):
+        train_sft(sft_config(small_run, tmp_path / "run", steps=3, resume=True))
+
+
+def test_resume_changes_nothing_when_the_state_is_refused(tmp_path):
+    _, optimizer = trained_optimizer()
+    generator = torch.Generator().manual_seed(0)
+    run.save(tmp_path, lambda d: None, optimizer, generator, step=1)
+    (tmp_path / "checkpoint" / STATE_JSON).write_text("{not json")
+    loaded = []
+    before = random.getstate(), torch.get_rng_state()
+    with pytest.raises(ValueError, match="not valid JSON"):
+        run.resume(tmp_path, loaded.append, optimizer, generator, "step")
+    assert loaded == [] and random.getstate() == before[0]
+    assert torch.equal(torch.get_rng_state(), before[1])

@@ -1,0 +1,199 @@
+"""The trainers: the demo learns, checkpoints load with transformers and resume exactly, the first PPO
+mini-batch sees ratio 1, a non-finite loss stops the run, other model families train."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import SMALL
+from engine_testing import TIMING, ppo_config
+from fastppo import ppo
+from fastppo.checkpoint import load_state
+from fastppo.config import PPOConfig
+from fastppo.data import read_jsonl
+from fastppo.demo import DemoConfig, demo
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_demo_learns_the_hidden_preference(tmp_path, seed):
+    # The convergence tier: default demo settings, two seeds.
+    summary = demo(DemoConfig(str(tmp_path), seed=seed), quiet=True)
+    assert summary["rm_accuracy"] >= 0.8
+    assert summary["oracle_ppo"] - summary["oracle_sft"] >= 0.3
+    assert summary["kl"] > 0
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert set(written) == {"rm_accuracy", "oracle_sft", "oracle_ppo", "kl", "seconds"}
+    assert (tmp_path / "ppo" / "ppo.png").stat().st_size > 1000
+
+
+def test_checkpoints_load_with_transformers(small_run):
+    out, _ = small_run
+    for stage in ("sft", "rm", "ppo"):
+        path = out / stage / "checkpoint"
+        lm = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ids = tokenizer("the film was good", return_tensors="pt").input_ids
+        assert lm(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+        assert (path / "model.safetensors").exists() and (path / "head.safetensors").exists() \
+            or stage == "sft"
+
+
+def test_first_minibatch_sees_ratio_one(small_run):
+    out, _ = small_run
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == SMALL["ppo_iterations"]
+    assert all(r["first_ratio_max_error"] <= 1e-5 for r in rows), [r["first_ratio_max_error"]
+                                                                   for r in rows]
+    for key in ("score_mean", "score_std", "reward", "kl", "entropy", "policy_loss", "value_loss",
+                "clipfrac", "approx_kl", "explained_variance", "response_length") + TIMING:
+        assert key in rows[0], key
+
+
+def test_first_minibatch_sees_ratio_one_at_temperature(small_run, tmp_path):
+    # at T = 1 a trainer that forgot the temperature somewhere would still see ratio 1
+    out, _ = small_run
+    ppo.train_ppo(ppo_config(out, tmp_path / "hot", iterations=1, temperature=0.6))
+    row = json.loads((tmp_path / "hot" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["first_ratio_max_error"] <= 1e-5
+
+
+def test_resumed_run_equals_uninterrupted_run(small_run, tmp_path):
+    out, _ = small_run
+    ppo.train_ppo(ppo_config(out, tmp_path / "straight"))
+    ppo.train_ppo(ppo_config(out, tmp_path / "resumed", iterations=2))
+    ppo.train_ppo(ppo_config(out, tmp_path / "resumed", resume=True))
+    rows = {}
+    for name in ("straight", "resumed"):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+    assert [r["step"] for r in rows["resumed"]] == [0, 1, 2, 3]
+    assert rows["resumed"] == rows["straight"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "checkpoint").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "checkpoint").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_sft_and_rm_resume_equal_uninterrupted(small_run, tmp_path, stage):
+    from fastppo.config import RMConfig, SFTConfig
+    from fastppo.rm import train_rm
+    from fastppo.sft import train_sft
+
+    out, _ = small_run
+    if stage == "sft":
+        make = lambda target, **kw: SFTConfig(  # noqa: E731
+            data=str(out / "data" / "sft.jsonl"), model=str(out / "base"), out=str(target),
+            batch_size=4, save_every=3, **kw)
+        train = train_sft
+    else:
+        make = lambda target, **kw: RMConfig(  # noqa: E731
+            data=str(out / "data" / "rm.jsonl"), model=str(out / "sft" / "checkpoint"),
+            out=str(target), batch_size=4, save_every=3, **kw)
+        train = train_rm
+    train(make(tmp_path / "straight", steps=6))
+    train(make(tmp_path / "resumed", steps=3))
+    train(make(tmp_path / "resumed", steps=6, resume=True))
+    rows = {}
+    for name in ("straight", "resumed"):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s")}
+                      for line in lines]
+    assert rows["resumed"] == rows["straight"]
+
+
+def test_resume_without_checkpoint_is_refused(small_run, tmp_path):
+    out, _ = small_run
+    with pytest.raises(ValueError, match="resume: no checkpoint"):
+        ppo.train_ppo(ppo_config(out, tmp_path / "nothing", resume=True))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_run, tmp_path, monkeypatch):
+    out, _ = small_run
+    calls = {"n": 0}
+    real = ppo.ppo_loss
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 2 * 2 * 2:  # iterations 0 and 1 (2 epochs x 2 mini-batches) are fine
+            return replace(result, loss=result.loss * float("nan"))
+        return result
+    monkeypatch.setattr(ppo, "ppo_loss", poisoned)
+    with pytest.raises(RuntimeError, match="PPO loss is not finite at iteration 2"):
+        ppo.train_ppo(ppo_config(out, tmp_path / "nan"))
+    state = load_state(tmp_path / "nan" / "checkpoint")
+    assert state["iteration"] == 2
+
+
+def test_adaptive_kl_controller_moves_the_coefficient(small_run, tmp_path):
+    # Proportional controller: kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) / horizon.
+    out, _ = small_run
+    ppo.train_ppo(ppo_config(out, tmp_path / "akl", iterations=3, adaptive_kl=True, kl_target=0.5,
+                             kl_horizon=2))
+    rows = [json.loads(line) for line in (tmp_path / "akl" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl_coef"] == PPOConfig.kl_coef
+    for before, after in zip(rows, rows[1:]):
+        error = max(-0.2, min(0.2, before["kl"] / 0.5 - 1))
+        assert after["kl_coef"] == pytest.approx(before["kl_coef"] * (1 + error / 2), rel=1e-12)
+        assert after["kl_coef"] != before["kl_coef"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_other_model_families(small_run, tmp_path, family):
+    # Any local causal-LM directory: a tiny GPT-2 and Qwen2 go through SFT and a PPO iteration (with
+    # the Llama reward model of the same tokenizer), and the rollout still agrees with training.
+    from transformers import AutoConfig
+
+    from fastppo.config import SFTConfig
+    from fastppo.sft import train_sft
+
+    out, _ = small_run
+    tokenizer = AutoTokenizer.from_pretrained(out / "base")
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if family == "gpt2":
+        config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=64, **ids)
+    else:
+        config = AutoConfig.for_model("qwen2", hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, **ids)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    sft = train_sft(SFTConfig(data=str(out / "data" / "sft.jsonl"), model=str(tmp_path / "base"),
+                              out=str(tmp_path / "sft"), steps=2, batch_size=4))
+    ppo.train_ppo(ppo_config(out, tmp_path / "ppo", policy=str(sft), iterations=1))
+    row = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["first_ratio_max_error"] <= 1e-5
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ppo" / "checkpoint").config.model_type == family
+
+
+def test_pipeline_stage_overrides_are_checked(small_run, tmp_path):
+    from fastppo.pipeline import PipelineConfig, run_pipeline
+
+    out, _ = small_run
+    data = out / "data"
+    base = dict(model=str(out / "base"), sft_data=str(data / "sft.jsonl"),
+                rm_data=str(data / "rm.jsonl"), prompts=str(data / "prompts.jsonl"),
+                out=str(tmp_path), sft_steps=1, rm_steps=1, ppo_iterations=1)
+    with pytest.raises(ValueError, match="ppo: 'klcoef' is not a PPOConfig field"):
+        run_pipeline(PipelineConfig(**base, ppo={"klcoef": 0.1}))
+    with pytest.raises(ValueError, match="sft: 'data' is not a SFTConfig field the pipeline lets"):
+        run_pipeline(PipelineConfig(**base, sft={"data": "x"}))
+    with pytest.raises(ValueError, match="mini_batch_size \\(128\\) must not exceed"):
+        run_pipeline(PipelineConfig(**base, ppo={"mini_batch_size": 128}))
+    assert not (tmp_path / "sft").exists()  # refused before any work
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": 3}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'response' must be a string"):
+        read_jsonl(path, "sft")
+    path.write_text('{"prompt": "a"}\n\n{oops\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: not valid JSON"):
+        read_jsonl(path, "ppo")
+

@@ -71,7 +71,9 @@ RowStats row_logsumexp(const scalar_t* x, int64_t V, float inv_t, bool entropy) 
     Vec vmax(NEG_INF);
     for (int64_t i = c0; i < c1; i += W) vmax = at::vec::maximum(vmax, load(x + i, std::min(W, c1 - i)));
     const float cmax = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-    const float m_new = std::max(m, cmax);
+    // NaN in, NaN out: std::max would drop a NaN chunk max (every comparison with NaN is false)
+    // and the row would come out finite, or +inf; a NaN max makes every later term NaN instead.
+    const float m_new = std::isnan(cmax) || std::isnan(m) ? NAN : std::max(m, cmax);
     if (m_new == NEG_INF) continue;  // everything so far is banned: nothing to add
     // Re-base (s, t) from m to m_new: a = exp((m - m_new) / T), t' = a (t + s (m - m_new) / T).
     const float shift = s > 0.f ? (m - m_new) * inv_t : 0.f;

@@ -3,12 +3,29 @@
 `check()` rejects impossible combinations before any work starts."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _in(cfg, name: str, low: float, high: float = math.inf, *, low_open: bool = False,
+        high_open: bool = False) -> None:
+    """cfg.<name> is a finite number in the range, else a ValueError naming the field: "top_p must be
+    in (0, 1]; got 0", "lr must be > 0; got nan"."""
+    value = getattr(cfg, name)
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    if math.isinf(high) and math.isinf(low):
+        bound = "a finite number"
+    elif math.isinf(high):
+        bound = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    _require(ok, f"{name} must be {bound}; got {value}")
 
 
 @dataclass
@@ -35,10 +52,9 @@ class SFTConfig:
     """Torch device."""
 
     def check(self) -> "SFTConfig":
-        _require(self.steps >= 1, f"steps must be >= 1; got {self.steps}")
-        _require(self.save_every >= 1, f"save_every must be >= 1; got {self.save_every}")
-        _require(self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}")
-        _require(self.lr > 0, f"lr must be > 0; got {self.lr}")
+        for name in ("steps", "save_every", "batch_size"):
+            _in(self, name, 1)
+        _in(self, "lr", 0, low_open=True)
         return self
 
 
@@ -68,11 +84,10 @@ class RMConfig:
     """Torch device."""
 
     def check(self) -> "RMConfig":
-        _require(self.steps >= 1, f"steps must be >= 1; got {self.steps}")
-        _require(self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}")
-        _require(self.lr > 0, f"lr must be > 0; got {self.lr}")
-        _require(0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1); got {self.eval_fraction}")
-        _require(self.save_every >= 1, f"save_every must be >= 1; got {self.save_every}")
+        for name in ("steps", "batch_size", "save_every"):
+            _in(self, name, 1)
+        _in(self, "lr", 0, low_open=True)
+        _in(self, "eval_fraction", 0, 1, low_open=True, high_open=True)
         return self
 
 
@@ -142,20 +157,24 @@ class PPOConfig:
     def check(self) -> "PPOConfig":
         for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
                      "kl_horizon", "save_every"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
+            _in(self, name, 1)
         _require(self.mini_batch_size <= self.batch_size,
                  f"mini_batch_size ({self.mini_batch_size}) must not exceed batch_size "
                  f"({self.batch_size})")
         _require(self.batch_size % self.mini_batch_size == 0,
                  f"mini_batch_size ({self.mini_batch_size}) must divide batch_size ({self.batch_size})")
-        _require(self.temperature > 0, f"temperature must be > 0; got {self.temperature}")
-        _require(self.top_k >= 0, f"top_k must be >= 0; got {self.top_k}")
-        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1]; got {self.top_p}")
+        _in(self, "temperature", 0, low_open=True)
+        _in(self, "top_k", 0)
+        _in(self, "top_p", 0, 1, low_open=True)
         _require(self.kl_estimator in ("k1", "k2", "k3"),
                  f"kl_estimator must be one of ('k1', 'k2', 'k3'); got {self.kl_estimator!r}")
-        _require(self.kl_coef >= 0 and self.kl_target > 0, "kl_coef must be >= 0 and kl_target > 0")
-        _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
-        _require(0 < self.clip_eps < 1, f"clip_eps must be in (0, 1); got {self.clip_eps}")
-        _require(self.value_clip > 0 and self.vf_coef >= 0 and self.lr > 0
-                 and self.max_grad_norm > 0, "value_clip, lr and max_grad_norm must be > 0")
+        _in(self, "kl_coef", 0)
+        _in(self, "kl_target", 0, low_open=True)
+        _in(self, "gamma", 0, 1)
+        _in(self, "lam", 0, 1)
+        _in(self, "clip_eps", 0, 1, low_open=True, high_open=True)
+        for name in ("value_clip", "lr", "max_grad_norm"):
+            _in(self, name, 0, low_open=True)
+        _in(self, "vf_coef", 0)
+        _in(self, "entropy_coef", -math.inf)
         return self

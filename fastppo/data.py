@@ -24,8 +24,13 @@ def read_jsonl(path, kind: str) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{kind} data file {path} does not exist")
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                 f"column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:

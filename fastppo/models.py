@@ -7,11 +7,14 @@ which the logits (actor) and the values (critic) are both read.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def attention_implementation(device: torch.device | str) -> str:
@@ -29,6 +32,42 @@ def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int
                          pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, tie_word_embeddings=False)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def check_model_dir(path, what: str) -> None:
+    """`path` is a local Hugging Face causal-LM directory with its tokenizer, else a ValueError that
+    names `what` (the config field) and says what is wrong. Nothing is downloaded, ever."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"{what} {path}: no such directory (fastppo loads local model directories "
+                         "only; nothing is downloaded)")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{what} {path}: not a Hugging Face model directory (no config.json)")
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{what} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save "
+                         "the tokenizer beside the model (tokenizer.save_pretrained(directory))")
+    try:
+        config = AutoConfig.from_pretrained(p)
+    except (ValueError, OSError, KeyError) as e:
+        raise ValueError(f"{what} {path}: unreadable config.json ({e})") from None
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    # BERT-like encoders are registered for causal LM too (as decoders they need is_decoder=True).
+    encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
+    if config.is_encoder_decoder or encoder or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        kind = ("an encoder-decoder, not a causal language model" if config.is_encoder_decoder
+                else "an encoder, not a causal language model" if encoder
+                else "not a causal language model")
+        raise ValueError(f"{what} {path}: a {config.model_type!r} model is {kind}; fastppo trains "
+                         "decoder-only causal LMs (Llama, Qwen2, GPT-2, ...)")
+
+
+def check_reward_model_dir(path, what: str) -> None:
+    """check_model_dir, and the score head that `fastppo rm` saves beside the backbone."""
+    check_model_dir(path, what)
+    if not (Path(path) / HEAD_FILE).is_file():
+        raise ValueError(f"{what} {path}: no {HEAD_FILE} beside the model, so it is not a fastppo "
+                         "reward model (an SFT checkpoint?); train one with `fastppo rm`")
 
 
 def load_lm(path, device="cpu"):

@@ -25,7 +25,8 @@ from fastppo.config import PPOConfig
 from fastppo.data import encode_prompts, read_jsonl
 from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logprobs
 from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
-from fastppo.models import ActorCritic, RewardModel, load_head, load_lm, lm_logits, save_with_head
+from fastppo.models import (ActorCritic, RewardModel, check_model_dir, check_reward_model_dir,
+                            lm_logits, load_head, load_lm, save_with_head)
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
 
@@ -69,6 +70,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
     """Returns the final checkpoint directory (the policy as a Hugging Face directory + value head)."""
     cfg.check()
     rows = read_jsonl(cfg.prompts, "ppo")
+    check_model_dir(cfg.policy, "policy")
+    check_reward_model_dir(cfg.reward_model, "reward_model")
     out = Path(cfg.out)
     generator = run.setup(cfg.seed, cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
@@ -148,7 +151,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
                                        at=f"iteration {iteration}")
                 optimizer.zero_grad(set_to_none=True)
                 out_loss.loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                run.stop_if_not_finite(norm, out, what="PPO gradient norm",
+                                       at=f"iteration {iteration}")
                 optimizer.step()
                 stats.append(out_loss)
         t_end = time.perf_counter()

@@ -13,7 +13,7 @@ from fastppo import run
 from fastppo.config import RMConfig
 from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl
 from fastppo.metrics import MetricsLog, plot
-from fastppo.models import RewardModel, load_head, load_lm, save_with_head
+from fastppo.models import RewardModel, check_model_dir, load_head, load_lm, save_with_head
 
 
 def _scores(rm, tokenizer, prompts, responses, device):
@@ -35,6 +35,7 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     """Returns (checkpoint directory, held-out pairwise accuracy)."""
     cfg.check()
     rows = read_jsonl(cfg.data, "rm")
+    check_model_dir(cfg.model, "model")
     generator = run.setup(cfg.seed, cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     rm = RewardModel(load_lm(cfg.model, cfg.device)).to(cfg.device).train()
@@ -71,6 +72,8 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
         run.stop_if_not_finite(loss, cfg.out, what="RM loss", at=f"step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        run.stop_if_not_finite(run.gradient_norm(optimizer), cfg.out, what="RM gradient norm",
+                               at=f"step {step}")
         optimizer.step()
         log.write({"step": step, "loss": loss.item(), "train_accuracy": (margin > 0).float().mean().item(),
                    "pairs_per_s": len(pick) / (time.perf_counter() - start)})

@@ -1,7 +1,7 @@
-"""The plumbing every trainer shares, as four plain functions (no base class): set up, resume, save,
-and stop on a non-finite loss. Each trainer (sft.py, rm.py, ppo.py) stays one linear loop that calls
-them; what later changes for every trainer at once (dtype, process group, sharded saves, rank-0
-logging, barriers) changes here, once.
+"""The plumbing every trainer shares, as plain functions (no base class): set up, resume, save, and
+stop on a non-finite loss or gradient. Each trainer (sft.py, rm.py, ppo.py) stays one linear loop
+that calls them; what later changes for every trainer at once (dtype, process group, sharded saves,
+rank-0 logging, barriers) changes here, once.
 """
 from __future__ import annotations
 
@@ -59,7 +59,14 @@ def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optim
 def save(out, write_model: Callable[[Path], None], optimizer: torch.optim.Optimizer,
          generator: torch.Generator, **counters) -> None:
     """Write `out/checkpoint` atomically: the weights (write_model(directory)), then the trainer
-    state: optimizer, RNG states and `counters` (numbers such as step, kl_coef)."""
+    state: optimizer, RNG states and `counters` (numbers such as step, kl_coef). Weights that are not
+    finite are never written: the run stops and the last good checkpoint stays."""
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    if not all(bool(torch.isfinite(p).all()) for p in trained):
+        at = ", ".join(f"{k} {v}" for k, v in counters.items() if isinstance(v, int))
+        raise RuntimeError(f"the weights are not finite at {at}; stopping without saving. The last "
+                           f"good checkpoint is in {Path(out) / 'checkpoint'}")
+
     def write(directory):
         write_model(directory)
         save_state(directory, {"optimizer": optimizer.state_dict(), "rng": rng_state(generator),
@@ -67,9 +74,15 @@ def save(out, write_model: Callable[[Path], None], optimizer: torch.optim.Optimi
     save_atomic(Path(out) / "checkpoint", write)
 
 
+def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The 2-norm of every trained parameter's gradient (for stop_if_not_finite before a step)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
 def stop_if_not_finite(loss: torch.Tensor, out, *, what: str, at: str) -> None:
-    """Stop the run on a NaN or infinite loss (one device sync) before it reaches the weights; the
-    last checkpoint stays as it is."""
+    """Stop the run on a NaN or infinite loss or gradient norm (one device sync) before it reaches
+    the weights; the last checkpoint stays as it is."""
     if not torch.isfinite(loss):
         raise RuntimeError(f"{what} is not finite at {at} ({loss.item()}); stopping. The last good "
                            f"checkpoint is in {Path(out) / 'checkpoint'}")

@@ -12,13 +12,14 @@ from fastppo.config import SFTConfig
 from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl
 from fastppo.kernels import token_logprobs
 from fastppo.metrics import MetricsLog, plot
-from fastppo.models import lm_logits, load_lm
+from fastppo.models import check_model_dir, lm_logits, load_lm
 
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Returns the checkpoint directory (a Hugging Face model directory)."""
     cfg.check()
     rows = read_jsonl(cfg.data, "sft")
+    check_model_dir(cfg.model, "model")
     generator = run.setup(cfg.seed, cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     lm = load_lm(cfg.model, cfg.device).train()
@@ -50,6 +51,8 @@ def train_sft(cfg: SFTConfig) -> Path:
         run.stop_if_not_finite(loss, cfg.out, what="SFT loss", at=f"step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        run.stop_if_not_finite(run.gradient_norm(optimizer), cfg.out, what="SFT gradient norm",
+                               at=f"step {step}")
         optimizer.step()
         tokens = int(batch.response_mask.sum())
         log.write({"step": step, "loss": loss.item(),

@@ -399,7 +399,8 @@ def ppo_loss(
 
     Args:
         logits: (..., V) float32/bfloat16/float16, strided like `token_logprobs` accepts.
-        labels: (...) integer, in [0, V) wherever mask is True (checked: one device sync).
+        labels: (...) integer, in [0, V) wherever mask is True (checked: one device sync; a label of
+            -100 there is refused too, not counted as log-prob 0).
         old_logprobs, advantages: (...) floating, from the rollout (no gradient flows into them).
         mask: (...) bool, the tokens that count.
         values: (...) floating, the critic's predictions (differentiable); needs `returns`, and
@@ -441,8 +442,14 @@ def ppo_loss(
         raise ValueError("inplace_backward=True would overwrite a leaf tensor's data (logits is that "
                          "leaf or a view of it) with its own gradient; pass logits produced by a "
                          "model, or inplace_backward=False")
+    # Every counted position needs a real label: one labelled ignore_index (-100) would be counted
+    # with log-prob 0 and zero gradient, silently (one device sync).
+    vocab = logits.shape[-1]
+    outside = mask & ((labels < 0) | (labels >= vocab))
+    if bool(outside.any()):
+        raise ValueError(f"labels must lie in [0, {vocab}) wherever mask is True; found "
+                         f"{labels[outside].flatten()[0].item()} ({int(outside.sum())} such labels)")
     labels = torch.where(mask, labels, -100)
-    check_token_inputs(logits, labels, temperature, -100, validate=True)
     backend = resolve_backend(backend, logits.device, native_dtype=logits.dtype)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()

@@ -63,3 +63,66 @@ def test_cli_unknown_yaml_key(tmp_path):
     proc = fastppo("sft", "--config", tmp_path / "c.yaml", cwd=tmp_path)
     assert proc.returncode == 2 and "learning_rate" in proc.stderr
 
+
+
+def model_dir(tmp_path, small_run, kind):
+    """A directory for the error cases: the demo's tokenizer with a config of `kind`."""
+    from transformers import AutoTokenizer, BertConfig, T5Config
+
+    out, _ = small_run
+    path = tmp_path / kind
+    path.mkdir()
+    if kind == "no_tokenizer":
+        (path / "config.json").write_text((out / "base" / "config.json").read_text())
+        return path
+    config = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=8) if kind == "bert" else T5Config(
+        vocab_size=40, d_model=8, d_ff=8, num_layers=1, num_heads=2, d_kv=4)
+    config.save_pretrained(path)
+    AutoTokenizer.from_pretrained(out / "base").save_pretrained(path)
+    return path
+
+
+ERRORS = [  # (arguments, what stderr must say); {out}, {tmp} and {bad:KIND} are filled in
+    (["sft", "--model", "{tmp}/nowhere"], "model {tmp}/nowhere: no such directory"),
+    (["sft", "--model", "{bad:no_tokenizer}"], "no tokenizer files"),
+    (["sft", "--model", "{bad:bert}"], "a 'bert' model is an encoder, not a causal language model"),
+    (["rm", "--model", "{bad:t5}"], "a 't5' model is an encoder-decoder, not a causal language"),
+    (["ppo", "--reward_model", "{out}/sft/checkpoint"], "not a fastppo reward model"),
+    (["sft", "--device", "tpu9"], "device must be a torch device such as 'cpu' or 'cuda:0'"),
+    (["sft", "--data", "{tmp}/latin1.jsonl"], "latin1.jsonl:2: not UTF-8 text (byte 0xe9"),
+    (["pipeline", "--ppo", '{"klcoef": 1}'], "ppo: 'klcoef' is not a PPOConfig field"),
+    (["ppo", "--gamma", "1.5"], "gamma must be in [0, 1]; got 1.5"),
+    (["ppo", "--kl_target", "0"], "kl_target must be > 0; got 0"),
+    (["sft", "--lr", "-1"], "lr must be > 0; got -1.0"),
+    (["rm", "--eval_fraction", "1"], "eval_fraction must be in (0, 1); got 1"),
+]
+if not __import__("torch").cuda.is_available():
+    ERRORS.append((["sft", "--device", "cuda"], "CUDA is not available on this machine"))
+
+
+@pytest.mark.parametrize("args,message", ERRORS, ids=[" ".join(a[:3]) for a, _ in ERRORS])
+def test_errors_a_user_understands(small_run, tmp_path, args, message):
+    # One line on stderr, exit code 2, no traceback.
+    out, _ = small_run
+    data = out / "data"
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "a", "response": "b"}\n'
+                                            b'{"prompt": "caf\xe9", "response": "b"}\n')
+    defaults = {
+        "sft": ["--data", str(data / "sft.jsonl"), "--model", str(out / "base")],
+        "rm": ["--data", str(data / "rm.jsonl"), "--model", str(out / "sft" / "checkpoint")],
+        "ppo": ["--prompts", str(data / "prompts.jsonl"), "--policy", str(out / "sft" / "checkpoint"),
+                "--reward_model", str(out / "rm" / "checkpoint")],
+        "pipeline": ["--model", str(out / "base"), "--sft_data", str(data / "sft.jsonl"), "--rm_data",
+                     str(data / "rm.jsonl"), "--prompts", str(data / "prompts.jsonl")],
+    }
+
+    def fill(text):
+        if text.startswith("{bad:"):
+            return str(model_dir(tmp_path, small_run, text[5:-1]))
+        return text.replace("{out}", str(out)).replace("{tmp}", str(tmp_path))
+    args = [fill(a) for a in args]
+    proc = fastppo(args[0], *defaults[args[0]], *args[1:], "--out", tmp_path / "run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert fill(message) in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr

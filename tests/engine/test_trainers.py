@@ -129,6 +129,69 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_run, tmp
     assert state["iteration"] == 2
 
 
+class NaNGradient(torch.autograd.Function):
+    """The identity forward (a finite loss), NaN backward: a gradient that diverged on its own."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def sft_run(small_run, target, **overrides):
+    from fastppo.config import SFTConfig
+    from fastppo.sft import train_sft
+
+    out, _ = small_run
+    settings = dict(steps=4, batch_size=4, save_every=1) | overrides
+    return train_sft(SFTConfig(data=str(out / "data" / "sft.jsonl"), model=str(out / "base"),
+                               out=str(target), **settings))
+
+
+def assert_last_good_checkpoint(directory, step):
+    assert load_state(directory)["step"] == step
+    weights = AutoModelForCausalLM.from_pretrained(directory).state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_non_finite_gradient_stops_before_the_step(small_run, tmp_path, monkeypatch):
+    # A finite loss whose gradient is NaN at step 2: the run stops before the optimizer step, so no
+    # NaN weight is ever written (before: step 2 wrote NaN weights into the checkpoint of step 3).
+    from fastppo import sft
+
+    calls, real = {"n": 0}, sft.token_logprobs
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        lp = real(*args, **kwargs)
+        return NaNGradient.apply(lp) if calls["n"] == 3 else lp
+    monkeypatch.setattr(sft, "token_logprobs", poisoned)
+    with pytest.raises(RuntimeError, match="SFT gradient norm is not finite at step 2"):
+        sft_run(small_run, tmp_path / "run")
+    assert_last_good_checkpoint(tmp_path / "run" / "checkpoint", 2)
+
+
+def test_non_finite_weights_are_never_saved(small_run, tmp_path, monkeypatch):
+    # The optimizer step itself overflows (finite gradients, NaN weights after step 2): the save
+    # refuses, and the checkpoint of step 2 stays.
+    calls, real = {"n": 0}, torch.optim.AdamW.step
+
+    def overflowing(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    with pytest.raises(RuntimeError, match="the weights are not finite at step 3; stopping without"):
+        sft_run(small_run, tmp_path / "run")
+    assert_last_good_checkpoint(tmp_path / "run" / "checkpoint", 2)
+
+
 def test_adaptive_kl_controller_moves_the_coefficient(small_run, tmp_path):
     # Proportional controller: kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) / horizon.
     out, _ = small_run

@@ -317,6 +317,27 @@ def test_bad_input(overrides, error, message):
         call(batch, **fixed)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_counted_position_labelled_ignore_index_is_refused(backend):
+    # Before: mask True with label -100 was counted in the token mean with log-prob 0.
+    batch = make_batch(2, 3, 10, torch.float32)
+    batch["mask"][1, 2] = True
+    batch["labels"][1, 2] = -100
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\) wherever mask is True; "
+                                         r"found -100 \(1 such labels\)"):
+        call(batch, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logit_gives_nan_loss(backend):
+    # NaN in, NaN out: a NaN logit in a counted row must not come out finite (the native kernels
+    # once dropped the NaN from the row max and returned +inf log-probs).
+    batch = make_batch(2, 3, 10, torch.float32, mask=torch.ones(2, 3, dtype=torch.bool))
+    batch["logits"][1, 1, 4] = float("nan")
+    out = call(batch, backend=backend)
+    assert out.loss.isnan() and out.entropy.isnan() and out.approx_kl.isnan()
+
+
 def test_labels_outside_the_mask_are_not_checked_or_read():
     batch = make_batch(2, 3, 10, torch.float32)
     batch["mask"][0, 0] = False

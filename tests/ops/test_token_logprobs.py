@@ -298,6 +298,25 @@ def test_torch_backend_in_many_chunks(monkeypatch):
         assert_matches(got, want, torch.float32, "torch")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V,at", [(37, 0), (37, 36), (3000, 2500)])  # 3000: past the first chunk
+def test_nan_logit_gives_nan(backend, V, at):
+    # NaN in, NaN out on every backend (the native kernels once returned +inf for such a row), in
+    # the log-prob, the entropy and the row's gradient; the other rows are untouched.
+    logits, labels = make_inputs((3,), V, torch.float32, ignore_frac=0.0)
+    logits[1, at] = float("nan")
+    labels[1] = (at + 1) % V  # the NaN is not the label's own logit
+    x = logits.to(DEVICE).requires_grad_()
+    lp, h = token_logprobs(x, labels.to(DEVICE), return_entropy=True, backend=backend)
+    (lp.sum() + h.sum()).backward()
+    assert lp[1].isnan() and h[1].isnan() and x.grad[1].isnan().all()
+    want_lp, want_h = reference.token_logprobs(logits[[0, 2]].double(), labels[[0, 2]],
+                                               return_entropy=True)
+    torch.testing.assert_close(lp[[0, 2]].cpu().double(), want_lp, atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(h[[0, 2]].cpu().double(), want_h, atol=3e-5, rtol=1e-5)
+    assert x.grad[[0, 2]].isfinite().all()
+
+
 def test_label_out_of_range_without_validation_gives_nan():
     logits, labels = make_inputs((4,), 10, torch.float32, ignore_frac=0.0)
     labels[1], labels[2] = 10, -3

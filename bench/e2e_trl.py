@@ -10,6 +10,8 @@ init; policy, reference, reward and value models), 16 prompts of 16 tokens, 32-t
 as fastppo's (response tokens x (1 + epochs) / update time), of the per-update peak RSS and of that
 peak minus the RSS at the update's start, appends a row to
 bench/results/e2e.csv, and prints the ratio to the newest fastppo row of the same device.
+The worker keeps its own timer and peak-RSS reading (the same definitions as bench/common.py's): it
+runs in TRL's virtual environment, which has no fastppo to import them from.
 """
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""C++ sources of fastppo's native CPU kernels, compiled on first use by fastppo.native."""
+"""C++ sources of fastppo's native CPU kernels, compiled on first use by fastppo.kernels._native."""

@@ -3,6 +3,8 @@
 A checkpoint is written whole into `<dir>.tmp`, then swapped in by renames: the previous checkpoint
 is moved to `<dir>.old` and removed only after the new one is in place, so a crash at any point leaves
 a complete checkpoint at `<dir>` or, between the two renames, at `<dir>.old` (which `latest` finds).
+A save therefore needs free space for a second checkpoint beside the first; when writing fails (disk
+full), the aside copy is removed and the previous checkpoint stays.
 
 The trainer state (optimizer, counters, RNG states) sits beside the weights as two files:
     trainer_state.json           everything that is not a tensor: numbers, strings, lists, tagged
@@ -38,7 +40,11 @@ def save_atomic(directory, write: Callable[[Path], None]) -> None:
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:  # disk full, killed, ...: the aside copy goes, the last checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)
@@ -85,7 +91,7 @@ def _decode(obj, tensors: dict, where: str):
         return [_decode(v, tensors, where) for v in obj]
     if isinstance(obj, dict):
         if set(obj) == {"__tensor__"}:
-            if obj["__tensor__"] not in tensors:
+            if not isinstance(obj["__tensor__"], str) or obj["__tensor__"] not in tensors:
                 raise ValueError(f"{where}: tensor {obj['__tensor__']!r} is missing from "
                                  f"{STATE_TENSORS}")
             return tensors[obj["__tensor__"]]
@@ -134,6 +140,8 @@ def load_state(directory) -> dict:
         raise ValueError(f"{json_path} does not exist: not a fastppo checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{json_path}: nested too deeply to be a trainer state") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT or "state" not in body:
         raise ValueError(f"{json_path}: not a fastppo trainer state (expected format {FORMAT!r})")
     try:
@@ -142,7 +150,10 @@ def load_state(directory) -> dict:
         raise ValueError(f"{tensor_path} does not exist: the checkpoint is incomplete") from None
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{tensor_path}: not a valid safetensors file ({e})") from None
-    state = _decode(body["state"], tensors, str(json_path))
+    try:
+        state = _decode(body["state"], tensors, str(json_path))
+    except RecursionError:
+        raise ValueError(f"{json_path}: nested too deeply to be a trainer state") from None
     if not isinstance(state, dict):
         raise ValueError(f"{json_path}: the state must be an object")
     return state
@@ -156,6 +167,10 @@ def convert_legacy(directory) -> Path:
     legacy = directory / LEGACY_STATE
     if not legacy.exists():
         raise ValueError(f"{legacy} does not exist: nothing to convert")
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):
+        # Before 2.6 the weights_only unpickler could be bypassed (CVE-2025-32434).
+        raise ValueError(f"converting {legacy} needs torch >= 2.6, whose weights_only loader is "
+                         f"safe; this is torch {torch.__version__}")
     try:
         state = torch.load(legacy, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's restricted unpickler refuses anything but plain data

@@ -45,7 +45,13 @@ class SFTConfig:
     save_every: int = 100
     """Checkpoint every this many steps (and at the end)."""
     resume: bool = False
-    """Continue from the checkpoint in `out`."""
+    """Continue from the checkpoint in `out` (refused if the run's config differs from the one saved
+    with it, steps/iterations, save_every and device aside; see allow_config_change)."""
+    allow_config_change: bool = False
+    """With resume: continue even if the config differs from the checkpoint's."""
+    overwrite: bool = False
+    """Start a fresh run in an `out` that holds another run's checkpoint, deleting it (without this,
+    such a run is refused)."""
     seed: int = 0
     """Seed of every random choice (data order, initialisation of heads)."""
     device: str = "cpu"
@@ -77,7 +83,13 @@ class RMConfig:
     save_every: int = 100
     """Checkpoint every this many steps (and at the end)."""
     resume: bool = False
-    """Continue from the checkpoint in `out`."""
+    """Continue from the checkpoint in `out` (refused if the run's config differs from the one saved
+    with it, steps/iterations, save_every and device aside; see allow_config_change)."""
+    allow_config_change: bool = False
+    """With resume: continue even if the config differs from the checkpoint's."""
+    overwrite: bool = False
+    """Start a fresh run in an `out` that holds another run's checkpoint, deleting it (without this,
+    such a run is refused)."""
     seed: int = 0
     """Seed of every random choice."""
     device: str = "cpu"
@@ -148,7 +160,13 @@ class PPOConfig:
     save_every: int = 10
     """Checkpoint every this many iterations (and at the end)."""
     resume: bool = False
-    """Continue from the checkpoint in `out`."""
+    """Continue from the checkpoint in `out` (refused if the run's config differs from the one saved
+    with it, steps/iterations, save_every and device aside; see allow_config_change)."""
+    allow_config_change: bool = False
+    """With resume: continue even if the config differs from the checkpoint's."""
+    overwrite: bool = False
+    """Start a fresh run in an `out` that holds another run's checkpoint, deleting it (without this,
+    such a run is refused)."""
     seed: int = 0
     """Seed of every random choice."""
     device: str = "cpu"

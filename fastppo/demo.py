@@ -87,8 +87,10 @@ def demo(cfg: DemoConfig | None = None, *, device: str = "cpu", quiet: bool = Fa
         model=str(base), sft_data=str(data / "sft.jsonl"), rm_data=str(data / "rm.jsonl"),
         prompts=str(data / "prompts.jsonl"), out=str(out_dir), sft_steps=cfg.sft_steps,
         rm_steps=cfg.rm_steps, ppo_iterations=cfg.ppo_iterations, seed=seed, device=device,
+        # The demo owns its folder: each stage starts clean (a second `fastppo demo` redoes it all).
+        sft=dict(overwrite=True), rm=dict(overwrite=True),
         ppo=dict(max_new_tokens=MAX_WORDS + 1, batch_size=64, mini_batch_size=32, kl_coef=0.05,
-                 lr=2e-3, save_every=10))
+                 lr=2e-3, save_every=10, overwrite=True))
     stages = run_pipeline(pipeline)
     eval_prompts = [r["prompt"] for r in task.ppo_rows(256, seed + 3)]
     kwargs = dict(max_new_tokens=MAX_WORDS + 1, seed=seed + 4, device=device)

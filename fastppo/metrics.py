@@ -70,7 +70,8 @@ def plot(metrics_path, png_path, keys: list[str], title: str) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in points], [p[1] for p in points])
+        ax.plot([p[0] for p in points], [p[1] for p in points],
+                marker="o" if len(points) == 1 else None)  # a lone point (eval_accuracy) shows
         ax.set_title(key)
         ax.set_xlabel("step")
     fig.suptitle(title)

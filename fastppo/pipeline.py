@@ -8,6 +8,7 @@ from pathlib import Path
 from fastppo.config import PPOConfig, RMConfig, SFTConfig
 from fastppo.data import read_jsonl
 from fastppo.models import check_model_dir
+from fastppo.run import check_output
 from fastppo.ppo import train_ppo
 from fastppo.rm import train_rm
 from fastppo.sft import train_sft
@@ -71,6 +72,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     for path, kind in ((cfg.sft_data, "sft"), (cfg.rm_data, "rm"), (cfg.prompts, "ppo")):
         read_jsonl(path, kind)  # a malformed line stops the pipeline before SFT, not after it
     check_model_dir(cfg.model, "model")
+    for stage in (sft_cfg, rm_cfg, ppo_cfg):  # resumability, overwrite, locks, writability
+        check_output(stage)
     sft = train_sft(sft_cfg)
     rm, accuracy = train_rm(rm_cfg)
     ppo = train_ppo(ppo_cfg)

@@ -30,7 +30,7 @@ from fastppo.models import (ActorCritic, RewardModel, check_model_dir, check_rew
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
 
-PLOT_KEYS = ["score_mean", "kl", "reward", "entropy", "value_loss", "clipfrac"]
+PLOT_KEYS = ["score_mean", "kl", "reward", "entropy", "value_loss", "clipfrac", "response_length"]
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -40,9 +40,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 @torch.no_grad()
-def rollout_forward(model, ref_lm, reward_model, batch, order, cfg):
+def rollout_forward(model, ref_lm, reward_model, batch, order, cfg, temperature):
     """Old log-probs and values (actor-critic), reference log-probs, scores: one no-grad pass each,
-    in the mini-batches of the first PPO epoch (`order`)."""
+    in the mini-batches of the first PPO epoch (`order`), at the sampling temperature."""
     B, R = batch.response_mask.shape
     old_logprobs = torch.zeros(B, R, device=cfg.device)
     values, ref_logprobs = torch.zeros_like(old_logprobs), torch.zeros_like(old_logprobs)
@@ -53,11 +53,11 @@ def rollout_forward(model, ref_lm, reward_model, batch, order, cfg):
         mb = batch.select(idx)
         labels = mb.responses.masked_fill(~mb.response_mask, -100)
         logits, values[idx] = model(mb.input_ids, mb.attention_mask, mb.response_positions)
-        old_logprobs[idx] = token_logprobs(logits, labels, temperature=cfg.temperature,
+        old_logprobs[idx] = token_logprobs(logits, labels, temperature=temperature,
                                            validate=False)
         t0 = time.perf_counter()
         ref = lm_logits(ref_lm, mb.input_ids, mb.attention_mask, mb.response_positions)
-        ref_logprobs[idx] = token_logprobs(ref, labels, temperature=cfg.temperature,
+        ref_logprobs[idx] = token_logprobs(ref, labels, temperature=temperature,
                                            validate=False)
         t1 = time.perf_counter()
         scores[idx] = reward_model(mb.input_ids, mb.attention_mask).float()
@@ -66,6 +66,7 @@ def rollout_forward(model, ref_lm, reward_model, batch, order, cfg):
     return old_logprobs, values, ref_logprobs, scores, timings
 
 
+@run.owns_output  # cfg.out: locked for this run, resume/overwrite checked, config.yaml saved
 def train_ppo(cfg: PPOConfig) -> Path:
     """Returns the final checkpoint directory (the policy as a Hugging Face directory + value head)."""
     cfg.check()
@@ -82,11 +83,12 @@ def train_ppo(cfg: PPOConfig) -> Path:
     reward_model.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)  # one pass per step
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
-    # The rollout engine samples from the live policy; the trainer scores its samples at the same
-    # temperature (cfg.temperature, the one place it is set).
+    # The rollout engine samples from the live policy; the trainer scores its samples at the
+    # engine's own temperature, so the two cannot disagree.
     rollout = HFRollout(model.lm, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p),
                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                         device=cfg.device, generator=generator)
+    temperature = rollout.sampling.temperature
 
     def write_model(directory):
         save_with_head(model, tokenizer, directory)
@@ -97,8 +99,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
 
     kl_coef, start_iteration = cfg.kl_coef, 0
     if cfg.resume:
-        state = run.resume(out, load_model, optimizer, generator, "iteration")
-        kl_coef, start_iteration = float(state["kl_coef"]), state["iteration"]
+        saved = run.resume(out, load_model, optimizer, generator, iteration=int, kl_coef=float)
+        kl_coef, start_iteration = saved["kl_coef"], saved["iteration"]
     log = MetricsLog(out, resume_step=start_iteration if cfg.resume else None)
 
     progress = tqdm(range(start_iteration, cfg.iterations), desc="ppo", initial=start_iteration,
@@ -119,7 +121,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
         epoch_orders = [torch.randperm(cfg.batch_size, generator=generator)
                         for _ in range(cfg.ppo_epochs)]
         old_logprobs, old_values, ref_logprobs, scores, timings = rollout_forward(
-            model, ref_lm, reward_model, batch, epoch_orders[0], cfg)
+            model, ref_lm, reward_model, batch, epoch_orders[0], cfg, temperature)
 
         # 3. Rewards and advantages.
         rewards = kl_rewards(old_logprobs, ref_logprobs, scores, mask, kl_coef=kl_coef,
@@ -140,11 +142,11 @@ def train_ppo(cfg: PPOConfig) -> Path:
                     mb.response_mask, values=values,
                     old_values=old_values[idx], returns=returns[idx], clip_eps=cfg.clip_eps,
                     value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, entropy_coef=cfg.entropy_coef,
-                    temperature=cfg.temperature)
+                    temperature=temperature)
                 if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
                     with torch.no_grad():
                         lp = token_logprobs(logits, mb.responses.masked_fill(
-                            ~mb.response_mask, -100), temperature=cfg.temperature, validate=False)
+                            ~mb.response_mask, -100), temperature=temperature, validate=False)
                         ratio = torch.exp(lp - old_logprobs[idx])[mb.response_mask]
                         first_ratio_error = (ratio - 1).abs().max().item()
                 run.stop_if_not_finite(out_loss.loss, out, what="PPO loss",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from fastppo import run
@@ -31,6 +32,7 @@ def pairwise_accuracy(rm, tokenizer, prompts, chosen, rejected, device, batch_si
     return wins / len(prompts)
 
 
+@run.owns_output  # cfg.out: locked for this run, resume/overwrite checked, config.yaml saved
 def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     """Returns (checkpoint directory, held-out pairwise accuracy)."""
     cfg.check()
@@ -58,10 +60,12 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
 
     start_step = 0
     if cfg.resume:
-        start_step = run.resume(cfg.out, load_model, optimizer, generator, "step")["step"]
+        start_step = run.resume(cfg.out, load_model, optimizer, generator, step=int)["step"]
     log = MetricsLog(cfg.out, resume_step=start_step if cfg.resume else None)
 
-    for step in range(start_step, cfg.steps):
+    progress = tqdm(range(start_step, cfg.steps), desc="rm", initial=start_step, total=cfg.steps,
+                    disable=None)  # a progress line on a terminal, nothing in logs
+    for step in progress:
         start = time.perf_counter()
         pick = [train[i] for i in torch.randint(len(train), (cfg.batch_size,),
                                                 generator=generator).tolist()]
@@ -77,12 +81,15 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
         optimizer.step()
         log.write({"step": step, "loss": loss.item(), "train_accuracy": (margin > 0).float().mean().item(),
                    "pairs_per_s": len(pick) / (time.perf_counter() - start)})
+        progress.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             run.save(cfg.out, write_model, optimizer, generator, step=step + 1, eval_accuracy=None)
+    progress.close()
     rm.eval()
     accuracy = pairwise_accuracy(rm, tokenizer, [prompts[i] for i in held], [chosen[i] for i in held],
                                  [rejected[i] for i in held], cfg.device)
     log.write({"step": cfg.steps, "eval_accuracy": accuracy})
     run.save(cfg.out, write_model, optimizer, generator, step=cfg.steps, eval_accuracy=accuracy)
-    plot(log.path, Path(cfg.out) / "rm.png", ["loss", "train_accuracy"], "reward model")
+    plot(log.path, Path(cfg.out) / "rm.png", ["loss", "train_accuracy", "eval_accuracy"],
+         "reward model")
     return Path(cfg.out) / "checkpoint", accuracy

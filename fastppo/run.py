@@ -5,12 +5,132 @@ rank-0 logging, barriers) changes here, once.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 
 from fastppo.checkpoint import latest, load_state, rng_state, save_atomic, save_state, set_rng_state
+
+LOCK = ".fastppo.lock"
+CONFIG = "config.yaml"
+PATH_FIELDS = ("data", "model", "prompts", "policy", "reward_model", "out")
+# What a resumed run may change without --allow_config_change: how long it runs, how often it saves,
+# where it runs, and these switches. Anything else (data, models, seed, shapes, hyperparameters)
+# would silently mix two runs in one folder.
+MAY_CHANGE_ON_RESUME = ("steps", "iterations", "save_every", "device", "resume",
+                        "allow_config_change", "overwrite")
+
+
+def resolved_config(cfg) -> dict:
+    """The config as saved with the run (OUT/config.yaml and every checkpoint): paths absolute."""
+    values = dataclasses.asdict(cfg)
+    return {k: str(Path(v).resolve()) if k in PATH_FIELDS and isinstance(v, str) else v
+            for k, v in values.items()}
+
+
+def check_output(cfg) -> None:
+    """Refuse, before any work, a run that would lose or mix runs in cfg.out: an output folder that
+    is not writable, in use by a live run, holding another run's checkpoint (without --resume or
+    --overwrite), or, with --resume, holding a checkpoint of a different config. Changes nothing."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} exists and is not a directory")
+    existing = next(p for p in (out, *out.resolve().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"out {out} is not writable ({existing} is read-only for this user)")
+    holder = _lock_holder(out / LOCK)
+    if holder is not None and not holder["stale"]:
+        raise ValueError(f"out {out} is in use by another fastppo run ({holder['about']}); wait for "
+                         f"it to end, or delete {out / LOCK} if that run is gone")
+    found = latest(out / "checkpoint")
+    if cfg.resume:
+        if found is None:
+            raise ValueError(f"resume: no checkpoint in {out / 'checkpoint'}")
+        saved = found / CONFIG
+        if saved.is_file() and not cfg.allow_config_change:
+            before, now = yaml.safe_load(saved.read_text()) or {}, resolved_config(cfg)
+            changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                       if k not in MAY_CHANGE_ON_RESUME and before.get(k) != now.get(k)]
+            if changed:
+                raise ValueError(f"resume: the checkpoint in {found} belongs to a run with another "
+                                 f"config ({'; '.join(changed)}); pass --allow_config_change true to "
+                                 "continue it anyway")
+    elif found is not None and not cfg.overwrite:
+        raise ValueError(f"out {out} already holds a run's checkpoint; pass --resume true to continue "
+                         "it, or --overwrite true to delete it and start clean")
+
+
+def owns_output(train: Callable) -> Callable:
+    """Decorates a trainer `train(cfg)`: check_output(cfg), then hold a lock on cfg.out for the whole
+    run (a second run into it is refused; a lock left by a dead process on this host is taken
+    over), start clean with --overwrite, and save the resolved config as OUT/config.yaml."""
+    @functools.wraps(train)
+    def wrapped(cfg):
+        cfg.check()
+        check_output(cfg)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        lock = _acquire(out / LOCK)
+        try:
+            if not cfg.resume:
+                for stale in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+                    shutil.rmtree(out / stale, ignore_errors=True)
+            (out / CONFIG).write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+            return train(cfg)
+        finally:
+            lock.unlink(missing_ok=True)
+    return wrapped
+
+
+def _lock_holder(path: Path) -> dict | None:
+    """Who holds the lock at `path` (None: nobody), and whether it is stale: its process is gone
+    from this host, or the file is unreadable (a crash while writing it)."""
+    try:
+        holder = json.loads(path.read_text())
+        about = f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, OSError):
+        return {"stale": True, "about": "unreadable lock"}
+    stale = False
+    if holder["host"] == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            stale = True
+        except (PermissionError, ValueError, OverflowError):
+            pass  # alive under another user, or a pid that cannot be asked: held
+    return {"stale": stale, "about": about}
+
+
+def _acquire(path: Path) -> Path:
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and not holder["stale"]:
+                raise ValueError(f"out {path.parent} is in use by another fastppo run "
+                                 f"({holder['about']}); wait for it to end, or delete {path} if "
+                                 "that run is gone") from None
+            path.unlink(missing_ok=True)  # stale: taken over
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        return path
+    raise ValueError(f"out {path.parent}: could not take the lock {path}")
 
 
 def setup(seed: int, device: str) -> torch.Generator:
@@ -32,11 +152,12 @@ def setup(seed: int, device: str) -> torch.Generator:
 
 
 def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optimizer,
-           generator: torch.Generator, counter: str) -> dict:
-    """Continue the run in `out` (for --resume): load the weights (load_model(checkpoint
-    directory)), then restore the optimizer and every RNG. Returns the saved state, whose `counter`
-    ("step" or "iteration") says where to continue. The state is read and checked before anything
-    is loaded, so a refused checkpoint changes nothing."""
+           generator: torch.Generator, **counters: type) -> dict:
+    """Continue the run in `out` (for --resume): restore the optimizer, load the weights
+    (load_model(checkpoint directory)), then restore every RNG. Returns the saved `counters`
+    (name=type: step=int, kl_coef=float), each checked. The state is read and checked (counters,
+    RNG states, the optimizer's groups) before the weights or any RNG change, so a refused
+    checkpoint leaves the run as it was."""
     found = latest(Path(out) / "checkpoint")
     if found is None:
         raise ValueError(f"resume: no checkpoint in {Path(out) / 'checkpoint'}")
@@ -44,16 +165,26 @@ def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optim
     for key in ("optimizer", "rng"):
         if not isinstance(state.get(key), dict):
             raise ValueError(f"resume: the trainer state in {found} has no {key!r} entry")
-    if isinstance(state.get(counter), bool) or not isinstance(state.get(counter), int):
-        raise ValueError(f"resume: the trainer state in {found} has no integer {counter!r}")
-    load_model(found)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], generator)
+    values = {}
+    for name, kind in counters.items():
+        value = state.get(name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, int) and number if kind is int else number and math.isfinite(value)
+        if not ok:
+            raise ValueError(f"resume: the trainer state in {found} has no {kind.__name__} {name!r} "
+                             f"(found {value!r})")
+        values[name] = kind(value)
+    try:  # on throwaway generators: nothing of the run changes if a state is malformed
+        torch.Generator().set_state(state["rng"]["torch"])
+        torch.Generator().set_state(state["rng"]["generator"])
+        random.Random().setstate(state["rng"]["python"])
+        optimizer.load_state_dict(state["optimizer"])  # checks every group before changing any
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"resume: the trainer state in {found} does not fit this run "
                          f"({type(e).__name__}: {e})") from None
-    return state
+    load_model(found)
+    set_rng_state(state["rng"], generator)
+    return values
 
 
 def save(out, write_model: Callable[[Path], None], optimizer: torch.optim.Optimizer,
@@ -69,6 +200,8 @@ def save(out, write_model: Callable[[Path], None], optimizer: torch.optim.Optimi
 
     def write(directory):
         write_model(directory)
+        if (Path(out) / CONFIG).is_file():  # the run's resolved config travels with its checkpoint
+            shutil.copyfile(Path(out) / CONFIG, directory / CONFIG)
         save_state(directory, {"optimizer": optimizer.state_dict(), "rng": rng_state(generator),
                                **counters})
     save_atomic(Path(out) / "checkpoint", write)

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from fastppo import run
@@ -15,6 +16,7 @@ from fastppo.metrics import MetricsLog, plot
 from fastppo.models import check_model_dir, lm_logits, load_lm
 
 
+@run.owns_output  # cfg.out: locked for this run, resume/overwrite checked, config.yaml saved
 def train_sft(cfg: SFTConfig) -> Path:
     """Returns the checkpoint directory (a Hugging Face model directory)."""
     cfg.check()
@@ -36,10 +38,12 @@ def train_sft(cfg: SFTConfig) -> Path:
 
     start_step = 0
     if cfg.resume:
-        start_step = run.resume(cfg.out, load_model, optimizer, generator, "step")["step"]
+        start_step = run.resume(cfg.out, load_model, optimizer, generator, step=int)["step"]
     log = MetricsLog(cfg.out, resume_step=start_step if cfg.resume else None)
 
-    for step in range(start_step, cfg.steps):
+    progress = tqdm(range(start_step, cfg.steps), desc="sft", initial=start_step, total=cfg.steps,
+                    disable=None)  # a progress line on a terminal, nothing in logs
+    for step in progress:
         start = time.perf_counter()
         pick = torch.randint(len(rows), (cfg.batch_size,), generator=generator).tolist()
         batch = pack([prompts[i] for i in pick], [responses[i] for i in pick],
@@ -57,7 +61,9 @@ def train_sft(cfg: SFTConfig) -> Path:
         tokens = int(batch.response_mask.sum())
         log.write({"step": step, "loss": loss.item(),
                    "tokens_per_s": tokens / (time.perf_counter() - start)})
+        progress.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             run.save(cfg.out, write_model, optimizer, generator, step=step + 1)
+    progress.close()
     plot(log.path, Path(cfg.out) / "sft.png", ["loss"], "SFT")
     return Path(cfg.out) / "checkpoint"

@@ -181,6 +181,7 @@ class PPOLossOptions:
         def put(name, value):
             object.__setattr__(self, name, value)
 
+        # In the order ppo_loss has always checked them (with two bad options, the same error).
         put("temperature", check_real("temperature", self.temperature, low=0.0, low_open=True))
         if self.clip_eps is not None:
             put("clip_eps", check_real("clip_eps", self.clip_eps, low=0.0, low_open=True, high=1.0,
@@ -194,14 +195,14 @@ class PPOLossOptions:
             put("dual_clip", check_real("dual_clip", self.dual_clip, low=1.0, low_open=True))
         if self.value_clip is not None:
             put("value_clip", check_real("value_clip", self.value_clip, low=0.0, low_open=True))
-        put("vf_coef", check_real("vf_coef", self.vf_coef, low=0.0))
-        put("entropy_coef", check_real("entropy_coef", self.entropy_coef))
-        put("kl_coef", check_real("kl_coef", self.kl_coef, low=0.0))
         check_choice("kl_estimator", self.kl_estimator, ESTIMATORS)
         check_choice("reduction", self.reduction, REDUCTIONS)
         if not isinstance(self.inplace_backward, bool):
             raise TypeError(f"inplace_backward must be a bool; got "
                             f"{type(self.inplace_backward).__name__}")
+        put("vf_coef", check_real("vf_coef", self.vf_coef, low=0.0))
+        put("entropy_coef", check_real("entropy_coef", self.entropy_coef))
+        put("kl_coef", check_real("kl_coef", self.kl_coef, low=0.0))
 
     @property
     def clip_low(self) -> float:

@@ -8,6 +8,8 @@ there is nothing to synchronise between iterations.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from fastppo.data import Batch, pack_prompts
@@ -57,9 +59,13 @@ def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     new_tokens, new_mask = [], []
     cache, step_ids, full_attn = None, ids, attn
+    # The KV cache's argument is `cache` in current transformers, `past_key_values` before (5.x
+    # warns on the old name): use what this version's backbone takes.
+    cache_arg = "cache" if "cache" in inspect.signature(lm.base_model.forward).parameters \
+        else "past_key_values"
     for _ in range(max_new_tokens):
-        out = backbone(lm, step_ids, full_attn, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = backbone(lm, step_ids, full_attn, use_cache=True, **{cache_arg: cache})
+        cache = getattr(out, cache_arg)
         logits = lm.get_output_embeddings()(out.last_hidden_state[:, -1]).float() / temperature
         probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
         token = sample(probs, generator)

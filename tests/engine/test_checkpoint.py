@@ -138,7 +138,12 @@ def test_older_checkpoint_converts_explicitly_and_resumes_exactly(small_run, tmp
     (lambda d: (d / STATE_TENSORS).write_bytes(b"\x00" * 64), "not a valid safetensors file"),
     (lambda d: (d / STATE_TENSORS).unlink(), "checkpoint is incomplete"),
     (lambda d: (d / STATE_JSON).write_text(
-        (d / STATE_JSON).read_text().replace('"step": 2', '"step": "2"')), "no integer 'step'"),
+        (d / STATE_JSON).read_text().replace('"step": 2', '"step": "2"')), "no int 'step'"),
+    (lambda d: (d / STATE_JSON).write_text(
+        (d / STATE_JSON).read_text().replace('"/rng/torch"', '["/rng/torch"]')), "is missing from"),
+    (lambda d: (d / STATE_JSON).write_text(
+        '{"format": "fastppo-trainer-state/1", "state": ' + "[" * 100000 + "]" * 100000 + "}"),
+     "nested too deeply"),
 ])
 def test_tampered_state_is_refused_with_a_clear_error(small_run, tmp_path, tamper, message):
     train_sft(sft_config(small_run, tmp_path / "run"))
@@ -147,14 +152,25 @@ def test_tampered_state_is_refused_with_a_clear_error(small_run, tmp_path, tampe
         train_sft(sft_config(small_run, tmp_path / "run", steps=3, resume=True))
 
 
-def test_resume_changes_nothing_when_the_state_is_refused(tmp_path):
+@pytest.mark.parametrize("case", ["json", "optimizer", "rng", "kl_coef"])
+def test_resume_changes_nothing_when_the_state_is_refused(tmp_path, case):
     _, optimizer = trained_optimizer()
     generator = torch.Generator().manual_seed(0)
-    run.save(tmp_path, lambda d: None, optimizer, generator, step=1)
-    (tmp_path / "checkpoint" / STATE_JSON).write_text("{not json")
+    run.save(tmp_path, lambda d: None, optimizer, generator, iteration=1,
+             kl_coef="0.1" if case == "kl_coef" else 0.1)
+    state_file = tmp_path / "checkpoint" / STATE_JSON
+    if case == "json":
+        state_file.write_text("{not json")
+    elif case == "optimizer":  # a run whose model has another shape
+        optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+    elif case == "rng":  # a well-formed file with a Python RNG state of the wrong size
+        state = load_state(state_file.parent)
+        state["rng"]["python"] = (3, (1, 2), None)
+        save_state(state_file.parent, state)
     loaded = []
-    before = random.getstate(), torch.get_rng_state()
-    with pytest.raises(ValueError, match="not valid JSON"):
-        run.resume(tmp_path, loaded.append, optimizer, generator, "step")
+    before = random.getstate(), torch.get_rng_state(), generator.get_state()
+    with pytest.raises(ValueError, match="not valid JSON|does not fit this run|no float 'kl_coef'"):
+        run.resume(tmp_path, loaded.append, optimizer, generator, iteration=int, kl_coef=float)
     assert loaded == [] and random.getstate() == before[0]
     assert torch.equal(torch.get_rng_state(), before[1])
+    assert torch.equal(generator.get_state(), before[2])

@@ -35,6 +35,8 @@ def test_cli_commands(small_run, tmp_path):
                    data / "rm.jsonl", "--prompts", data / "prompts.jsonl", "--out", tmp_path / "pipe",
                    "--sft_steps", 2, "--rm_steps", 2, "--ppo_iterations", 1, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert isinstance(result["rm_accuracy"], float) and result["ppo"].endswith("checkpoint")
     proc = fastppo("demo", "--out", tmp_path / "demo", "--sft_steps", 5, "--rm_steps", 5,
                    "--ppo_iterations", 1, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from common import allocator_env, append_csv, device_name, git_revision, today
@@ -36,6 +36,8 @@ def workload(root: Path, seed: int) -> tuple[Path, Path, Path]:
     words = ["<pad>", "<unk>", "<bos>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 4)]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                        special_tokens=[("<bos>", 2)])  # as Llama's
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
                                   bos_token="<bos>", eos_token="<eos>")
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512,

@@ -126,7 +126,11 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     """Gradient-norm clip."""
     max_new_tokens: int = 8
-    """Longest response."""
+    """Longest response. Prompt + max_new_tokens must fit the policy's context (checked at start)."""
+    max_prompt_length: int = 0
+    """Longest prompt in tokens (0: no limit); a longer one is refused, or cut (truncate_prompts)."""
+    truncate_prompts: bool = False
+    """Cut prompts longer than max_prompt_length from the left (a leading BOS is kept)."""
     temperature: float = 1.0
     """Sampling temperature, applied identically in rollout log-probs and training."""
     top_k: int = 0
@@ -176,6 +180,9 @@ class PPOConfig:
         for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
                      "kl_horizon", "save_every"):
             _in(self, name, 1)
+        _in(self, "max_prompt_length", 0)
+        _require(not self.truncate_prompts or self.max_prompt_length >= 1,
+                 "truncate_prompts needs max_prompt_length >= 1")
         _require(self.mini_batch_size <= self.batch_size,
                  f"mini_batch_size ({self.mini_batch_size}) must not exceed batch_size "
                  f"({self.batch_size})")

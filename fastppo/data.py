@@ -55,14 +55,53 @@ def write_jsonl(path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def special_ids(tokenizer) -> tuple[int, int]:
+    """(pad id, EOS id). Responses end with EOS, so a tokenizer without one is refused. Padding is
+    the tokenizer's pad token, else its EOS (GPT-2 and Llama ship without a pad token): padding is
+    masked out by the attention mask and never read, so reusing EOS is safe."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"the tokenizer of {tokenizer.name_or_path} has no EOS token; fastppo ends "
+                         "every response with it (set tokenizer.eos_token)")
+    return (eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id), eos
+
+
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    return [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False).input_ids
-            for p in prompts]
+    """Each prompt as the model's own tokenizer encodes it, with the special tokens it adds itself
+    (Llama's BOS; nothing for GPT-2 or Qwen2), as its `generate` would see it. Prompts are used as
+    given: a chat template, if wanted, belongs in the data."""
+    encoded = [tokenizer(p).input_ids for p in prompts]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} ({prompts[empty[0]]!r}) encodes to no tokens; a "
+                         "response needs at least one prompt token to follow")
+    return encoded
+
+
+def limit_prompts(prompts: list[list[int]], max_length: int, truncate: bool,
+                  bos_id: int | None) -> list[list[int]]:
+    """Prompts of at most max_length tokens (0: no limit): a longer one is refused, or with
+    `truncate` cut from the left, keeping a leading BOS (the end of a prompt is what the response
+    continues)."""
+    if not max_length:
+        return prompts
+    limited = []
+    for i, ids in enumerate(prompts):
+        if len(ids) > max_length and not truncate:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens, more than max_prompt_length="
+                             f"{max_length}; shorten it, or pass --truncate_prompts true to keep its "
+                             "last tokens")
+        if len(ids) > max_length:
+            head = ids[:1] if bos_id is not None and ids[0] == bos_id and max_length > 1 else []
+            ids = head + ids[len(ids) - (max_length - len(head)):]
+        limited.append(ids)
+    return limited
 
 
 def encode_responses(tokenizer, responses: list[str]) -> list[list[int]]:
-    return [tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            for r in responses]
+    """Each response's tokens (no special tokens added), then EOS."""
+    _, eos = special_ids(tokenizer)
+    return [tokenizer(r, add_special_tokens=False).input_ids + [eos] for r in responses]
 
 
 @dataclass

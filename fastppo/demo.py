@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from fastppo import demo_task as task
-from fastppo.data import encode_prompts, write_jsonl
+from fastppo.data import encode_prompts, special_ids, write_jsonl
 from fastppo.kernels import token_logprobs
 from fastppo.models import lm_logits, load_lm, tiny_llama
 from fastppo.pipeline import PipelineConfig, run_pipeline
@@ -50,16 +50,15 @@ def evaluate(policy_dir, reference_dir, prompts: list[str], *, max_new_tokens: i
     """(mean oracle score of sampled responses, mean per-sequence KL to the reference)."""
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     policy, reference = load_lm(policy_dir, device).eval(), load_lm(reference_dir, device).eval()
-    rollout = HFRollout(policy, Sampling(max_new_tokens), eos_id=tokenizer.eos_token_id,
-                        pad_id=tokenizer.pad_token_id, device=device,
+    pad, eos = special_ids(tokenizer)
+    rollout = HFRollout(policy, Sampling(max_new_tokens), eos_id=eos, pad_id=pad, device=device,
                         generator=torch.Generator().manual_seed(seed))
     batch = rollout.generate(encode_prompts(tokenizer, prompts))
     labels = batch.responses.masked_fill(~batch.response_mask, -100)
     at = batch.response_positions
     lp = token_logprobs(lm_logits(policy, batch.input_ids, batch.attention_mask, at), labels)
     ref = token_logprobs(lm_logits(reference, batch.input_ids, batch.attention_mask, at), labels)
-    texts = tokenizer.batch_decode(batch.responses.masked_fill(~batch.response_mask,
-                                                               tokenizer.pad_token_id),
+    texts = tokenizer.batch_decode(batch.responses.masked_fill(~batch.response_mask, pad),
                                    skip_special_tokens=True)
     score = sum(task.oracle(t) for t in texts) / len(texts)
     return score, (lp - ref).sum(-1).mean().item()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 POSITIVE = ("good great superb lovely brilliant wonderful fine happy bright warm "
@@ -26,6 +26,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     words = SPECIALS + sorted(set(NEUTRAL + POSITIVE + NEGATIVE))
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Encoding adds <bos>, as Llama's tokenizers do (fastppo encodes prompts as the tokenizer does).
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", words.index("<bos>"))])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
                                   bos_token="<bos>", eos_token="<eos>")
     tok.padding_side = "left"

@@ -7,12 +7,14 @@ which the logits (actor) and the values (critic) are both read.
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -70,9 +72,63 @@ def check_reward_model_dir(path, what: str) -> None:
                          "reward model (an SFT checkpoint?); train one with `fastppo rm`")
 
 
+def check_fits_context(path, length: int, what: str) -> None:
+    """`length` tokens fit the context of the model in `path`, else a ValueError before any work
+    (past it, position embeddings run out: an IndexError mid-run, or a silent run past the context)."""
+    context = context_length(AutoConfig.from_pretrained(path))
+    if context is not None and length > context:
+        raise ValueError(f"{what} is {length} tokens, more than the {context} positions of {path} "
+                         "(max_position_embeddings)")
+
+
+def check_same_tokenizer(tokenizer, path, what: str) -> None:
+    """The tokenizer in `path` is `tokenizer` (same vocabulary and special tokens), else a
+    ValueError: fastppo hands the policy's token ids to the reward model as they are, so a
+    different tokenizer would score other text than the one sampled, silently."""
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(path)
+    for name, mine, theirs in (
+            ("vocabulary", tokenizer.get_vocab(), other.get_vocab()),
+            ("EOS token", tokenizer.eos_token_id, other.eos_token_id),
+            ("BOS token", tokenizer.bos_token_id, other.bos_token_id),
+            ("pad token", tokenizer.pad_token_id, other.pad_token_id)):
+        if mine != theirs:
+            detail = f"{len(mine)} vs {len(theirs)} entries" if name == "vocabulary" else \
+                f"{mine} vs {theirs}"
+            raise ValueError(f"{what} {path}: its tokenizer differs from the policy's ({name}: "
+                             f"{detail}); the reward model must share the policy's tokenizer")
+
+
+def stored_dtype(config) -> torch.dtype | None:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def context_length(config) -> int | None:
+    """The most positions the model takes (max_position_embeddings; n_positions for GPT-2)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+_DTYPE_ARG = "dtype" if "dtype" in inspect.signature(PretrainedConfig.__init__).parameters \
+    else "torch_dtype"  # transformers < 4.56 calls it torch_dtype
+_told_float32 = set()
+
+
 def load_lm(path, device="cpu"):
-    return AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation=attention_implementation(device)).to(device)
+    """The causal LM in `path`, in float32 whatever dtype it is stored in (training in bf16 is not
+    supported yet: a checkpoint stored in bf16 or fp16 is upcast, with a notice, and saved back in
+    float32)."""
+    lm = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation=attention_implementation(device),
+        **{_DTYPE_ARG: torch.float32}).to(device)
+    stored = stored_dtype(AutoConfig.from_pretrained(path))
+    if stored not in (None, torch.float32) and str(path) not in _told_float32:
+        _told_float32.add(str(path))
+        warnings.warn(f"{path} is stored in {str(stored).removeprefix('torch.')}; fastppo trains in "
+                      "float32 for now (the weights are upcast, checkpoints are written in float32)",
+                      UserWarning, stacklevel=2)
+    return lm
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

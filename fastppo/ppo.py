@@ -22,11 +22,12 @@ from transformers import AutoTokenizer
 
 from fastppo import run
 from fastppo.config import PPOConfig
-from fastppo.data import encode_prompts, read_jsonl
+from fastppo.data import encode_prompts, limit_prompts, read_jsonl, special_ids
 from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logprobs
 from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
-from fastppo.models import (ActorCritic, RewardModel, check_model_dir, check_reward_model_dir,
-                            lm_logits, load_head, load_lm, save_with_head)
+from fastppo.models import (ActorCritic, RewardModel, check_fits_context, check_model_dir,
+                            check_reward_model_dir, check_same_tokenizer, lm_logits, load_head,
+                            load_lm, save_with_head)
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
 
@@ -74,20 +75,25 @@ def train_ppo(cfg: PPOConfig) -> Path:
     check_model_dir(cfg.policy, "policy")
     check_reward_model_dir(cfg.reward_model, "reward_model")
     out = Path(cfg.out)
-    generator = run.setup(cfg.seed, cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    check_same_tokenizer(tokenizer, cfg.reward_model, "reward_model")
+    pad, eos = special_ids(tokenizer)
+    prompts = limit_prompts(encode_prompts(tokenizer, [r["prompt"] for r in rows]),
+                            cfg.max_prompt_length, cfg.truncate_prompts, tokenizer.bos_token_id)
+    longest = max(len(p) for p in prompts) + cfg.max_new_tokens
+    for path in (cfg.policy, cfg.reward_model):
+        check_fits_context(path, longest, "the longest prompt + max_new_tokens")
+    generator = run.setup(cfg.seed, cfg.device)
     model = ActorCritic(load_lm(cfg.policy, cfg.device)).to(cfg.device)
     ref_lm = copy.deepcopy(model.lm).eval().requires_grad_(False)  # the frozen SFT weights
     reward_model = RewardModel(load_lm(cfg.reward_model, cfg.device)).to(cfg.device)
     load_head(reward_model, cfg.reward_model)
     reward_model.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)  # one pass per step
-    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     # The rollout engine samples from the live policy; the trainer scores its samples at the
     # engine's own temperature, so the two cannot disagree.
     rollout = HFRollout(model.lm, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p),
-                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                        device=cfg.device, generator=generator)
+                        eos_id=eos, pad_id=pad, device=cfg.device, generator=generator)
     temperature = rollout.sampling.temperature
 
     def write_model(directory):

@@ -12,13 +12,14 @@ from transformers import AutoTokenizer
 
 from fastppo import run
 from fastppo.config import RMConfig
-from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl
+from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl, special_ids
 from fastppo.metrics import MetricsLog, plot
-from fastppo.models import RewardModel, check_model_dir, load_head, load_lm, save_with_head
+from fastppo.models import (RewardModel, check_fits_context, check_model_dir, load_head, load_lm,
+                            save_with_head)
 
 
 def _scores(rm, tokenizer, prompts, responses, device):
-    batch = pack(prompts, responses, tokenizer.pad_token_id).to(device)
+    batch = pack(prompts, responses, special_ids(tokenizer)[0]).to(device)
     return rm(batch.input_ids, batch.attention_mask)
 
 
@@ -38,12 +39,15 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     cfg.check()
     rows = read_jsonl(cfg.data, "rm")
     check_model_dir(cfg.model, "model")
-    generator = run.setup(cfg.seed, cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    rm = RewardModel(load_lm(cfg.model, cfg.device)).to(cfg.device).train()
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     chosen = encode_responses(tokenizer, [r["chosen"] for r in rows])
     rejected = encode_responses(tokenizer, [r["rejected"] for r in rows])
+    check_fits_context(cfg.model, max(len(p) + max(len(c), len(r))
+                                      for p, c, r in zip(prompts, chosen, rejected)),
+                       f"the longest prompt + response of {cfg.data}")
+    generator = run.setup(cfg.seed, cfg.device)
+    rm = RewardModel(load_lm(cfg.model, cfg.device)).to(cfg.device).train()
     order = torch.randperm(len(rows), generator=generator).tolist()
     n_eval = max(1, int(len(rows) * cfg.eval_fraction))
     held, train = order[:n_eval], order[n_eval:]

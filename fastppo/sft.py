@@ -10,10 +10,10 @@ from transformers import AutoTokenizer
 
 from fastppo import run
 from fastppo.config import SFTConfig
-from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl
+from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl, special_ids
 from fastppo.kernels import token_logprobs
 from fastppo.metrics import MetricsLog, plot
-from fastppo.models import check_model_dir, lm_logits, load_lm
+from fastppo.models import check_fits_context, check_model_dir, lm_logits, load_lm
 
 
 @run.owns_output  # cfg.out: locked for this run, resume/overwrite checked, config.yaml saved
@@ -22,11 +22,14 @@ def train_sft(cfg: SFTConfig) -> Path:
     cfg.check()
     rows = read_jsonl(cfg.data, "sft")
     check_model_dir(cfg.model, "model")
-    generator = run.setup(cfg.seed, cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    lm = load_lm(cfg.model, cfg.device).train()
+    pad, _ = special_ids(tokenizer)
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     responses = encode_responses(tokenizer, [r["response"] for r in rows])
+    check_fits_context(cfg.model, max(len(p) + len(r) for p, r in zip(prompts, responses)),
+                       f"the longest prompt + response of {cfg.data}")
+    generator = run.setup(cfg.seed, cfg.device)
+    lm = load_lm(cfg.model, cfg.device).train()
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, fused=True)
 
     def write_model(directory):
@@ -47,7 +50,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         start = time.perf_counter()
         pick = torch.randint(len(rows), (cfg.batch_size,), generator=generator).tolist()
         batch = pack([prompts[i] for i in pick], [responses[i] for i in pick],
-                     tokenizer.pad_token_id).to(cfg.device)
+                     pad).to(cfg.device)
         logits = lm_logits(lm, batch.input_ids, batch.attention_mask, batch.response_positions)
         labels = batch.responses.masked_fill(~batch.response_mask, -100)
         logprobs = token_logprobs(logits, labels, validate=False)

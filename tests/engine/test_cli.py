@@ -1,6 +1,7 @@
 """The `fastppo` command end to end, and its answers to bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -77,6 +78,13 @@ def model_dir(tmp_path, small_run, kind):
     if kind == "no_tokenizer":
         (path / "config.json").write_text((out / "base" / "config.json").read_text())
         return path
+    if kind == "rm_other_tokenizer":  # the reward model, with one more token in its vocabulary
+        path.rmdir()
+        shutil.copytree(out / "rm" / "checkpoint", path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.add_tokens(["splendid"])
+        tokenizer.save_pretrained(path)
+        return path
     config = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=8) if kind == "bert" else T5Config(
         vocab_size=40, d_model=8, d_ff=8, num_layers=1, num_heads=2, d_kv=4)
@@ -98,6 +106,12 @@ ERRORS = [  # (arguments, what stderr must say); {out}, {tmp} and {bad:KIND} are
     (["ppo", "--kl_target", "0"], "kl_target must be > 0; got 0"),
     (["sft", "--lr", "-1"], "lr must be > 0; got -1.0"),
     (["rm", "--eval_fraction", "1"], "eval_fraction must be in (0, 1); got 1"),
+    (["ppo", "--reward_model", "{bad:rm_other_tokenizer}"],
+     "its tokenizer differs from the policy's (vocabulary: 48 vs 49 entries)"),
+    (["ppo", "--max_new_tokens", "200"],
+     "the longest prompt + max_new_tokens is 204 tokens, more than the 128 positions of"),
+    (["ppo", "--max_prompt_length", "3"], "prompt 0 has 4 tokens, more than max_prompt_length=3"),
+    (["ppo", "--truncate_prompts", "true"], "truncate_prompts needs max_prompt_length >= 1"),
 ]
 if not __import__("torch").cuda.is_available():
     ERRORS.append((["sft", "--device", "cuda"], "CUDA is not available on this machine"))

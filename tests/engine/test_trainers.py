@@ -260,3 +260,22 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:3: not valid JSON"):
         read_jsonl(path, "ppo")
 
+
+
+def test_prompts_are_limited_from_the_left_keeping_bos():
+    from fastppo.data import limit_prompts
+
+    prompts = [[2, 10, 11, 12, 13], [2, 10], [10, 11, 12]]
+    assert limit_prompts(prompts, 0, False, 2) == prompts
+    assert limit_prompts(prompts, 3, True, 2) == [[2, 12, 13], [2, 10], [10, 11, 12]]
+    assert limit_prompts([[10, 11, 12, 13]], 2, True, 2) == [[12, 13]]  # no BOS to keep
+    with pytest.raises(ValueError, match="prompt 0 has 5 tokens, more than max_prompt_length=4"):
+        limit_prompts(prompts, 4, False, 2)
+
+
+def test_truncated_prompts_train(small_run, tmp_path):
+    out, _ = small_run
+    ppo.train_ppo(ppo_config(out, tmp_path / "cut", iterations=1, max_prompt_length=3,
+                             truncate_prompts=True))
+    row = json.loads((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["first_ratio_max_error"] <= 1e-5

@@ -15,6 +15,7 @@ from jsonargparse import ArgumentParser, set_parsing_settings
 from fastppo.config import PPOConfig, RMConfig, SFTConfig
 from fastppo.demo import DemoConfig
 from fastppo.pipeline import PipelineConfig
+from fastppo.run import Stopped
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"fastppo {name}: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # the run stopped itself (non-finite loss): one line, checkpoint kept
+        print(f"fastppo {name}: stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -32,6 +32,11 @@ MAY_CHANGE_ON_RESUME = ("steps", "iterations", "save_every", "device", "resume",
                         "allow_config_change", "overwrite")
 
 
+class Stopped(RuntimeError):
+    """A run stopped on purpose (a non-finite loss, gradient or weights); its last good checkpoint
+    stays. The CLI prints it as one line, exit code 1."""
+
+
 def resolved_config(cfg) -> dict:
     """The config as saved with the run (OUT/config.yaml and every checkpoint): paths absolute."""
     values = dataclasses.asdict(cfg)
@@ -195,8 +200,8 @@ def save(out, write_model: Callable[[Path], None], optimizer: torch.optim.Optimi
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     if not all(bool(torch.isfinite(p).all()) for p in trained):
         at = ", ".join(f"{k} {v}" for k, v in counters.items() if isinstance(v, int))
-        raise RuntimeError(f"the weights are not finite at {at}; stopping without saving. The last "
-                           f"good checkpoint is in {Path(out) / 'checkpoint'}")
+        raise Stopped(f"the weights are not finite at {at}; stopping without saving. "
+                      f"{_last_good(out)}")
 
     def write(directory):
         write_model(directory)
@@ -217,5 +222,10 @@ def stop_if_not_finite(loss: torch.Tensor, out, *, what: str, at: str) -> None:
     """Stop the run on a NaN or infinite loss or gradient norm (one device sync) before it reaches
     the weights; the last checkpoint stays as it is."""
     if not torch.isfinite(loss):
-        raise RuntimeError(f"{what} is not finite at {at} ({loss.item()}); stopping. The last good "
-                           f"checkpoint is in {Path(out) / 'checkpoint'}")
+        raise Stopped(f"{what} is not finite at {at} ({loss.item()}); stopping. {_last_good(out)}")
+
+
+def _last_good(out) -> str:
+    found = latest(Path(out) / "checkpoint")
+    return (f"The last good checkpoint is in {found}" if found is not None
+            else "No checkpoint had been saved yet")

@@ -142,3 +142,14 @@ def test_errors_a_user_understands(small_run, tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert fill(message) in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_a_diverging_run_stops_with_one_line(small_run, tmp_path):
+    out, _ = small_run
+    proc = fastppo("sft", "--data", out / "data" / "sft.jsonl", "--model", out / "base", "--out",
+                   tmp_path / "run", "--steps", 5, "--batch_size", 4, "--save_every", 1, "--lr",
+                   1e30, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "fastppo sft: stopped: SFT gradient norm is not finite at step 1" in proc.stderr
+    assert f"The last good checkpoint is in {tmp_path / 'run' / 'checkpoint'}" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr

@@ -54,10 +54,7 @@ def check_output(cfg) -> None:
     existing = next(p for p in (out, *out.resolve().parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"out {out} is not writable ({existing} is read-only for this user)")
-    holder = _lock_holder(out / LOCK)
-    if holder is not None and not holder["stale"]:
-        raise ValueError(f"out {out} is in use by another fastppo run ({holder['about']}); wait for "
-                         f"it to end, or delete {out / LOCK} if that run is gone")
+    _refuse_if_held(out / LOCK)
     found = latest(out / "checkpoint")
     if cfg.resume:
         if found is None:
@@ -119,17 +116,20 @@ def _lock_holder(path: Path) -> dict | None:
     return {"stale": stale, "about": about}
 
 
+def _refuse_if_held(path: Path) -> None:
+    holder = _lock_holder(path)
+    if holder is not None and not holder["stale"]:
+        raise ValueError(f"out {path.parent} is in use by another fastppo run ({holder['about']}); "
+                         f"wait for it to end, or delete {path} if that run is gone")
+
+
 def _acquire(path: Path) -> Path:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = _lock_holder(path)
-            if holder is not None and not holder["stale"]:
-                raise ValueError(f"out {path.parent} is in use by another fastppo run "
-                                 f"({holder['about']}); wait for it to end, or delete {path} if "
-                                 "that run is gone") from None
+            _refuse_if_held(path)
             path.unlink(missing_ok=True)  # stale: taken over
             continue
         with os.fdopen(fd, "w") as fh:
@@ -198,7 +198,7 @@ def save(out, write_model: Callable[[Path], None], optimizer: torch.optim.Optimi
     state: optimizer, RNG states and `counters` (numbers such as step, kl_coef). Weights that are not
     finite are never written: the run stops and the last good checkpoint stays."""
     trained = [p for group in optimizer.param_groups for p in group["params"]]
-    if not all(bool(torch.isfinite(p).all()) for p in trained):
+    if trained and not bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()):  # 1 sync
         at = ", ".join(f"{k} {v}" for k, v in counters.items() if isinstance(v, int))
         raise Stopped(f"the weights are not finite at {at}; stopping without saving. "
                       f"{_last_good(out)}")

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig,
+                          PreTrainedTokenizerFast)
 
 from common import allocator_env, append_csv, device_name, git_revision, today
 from fastppo.config import PPOConfig
 from fastppo.data import write_jsonl
-from fastppo.models import RewardModel, save_with_head
 from fastppo.ppo import train_ppo
 
 VOCAB, PROMPT, RESPONSE, PROMPTS = 32000, 16, 32, 16
@@ -47,8 +47,10 @@ def workload(root: Path, seed: int) -> tuple[Path, Path, Path]:
     policy = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     policy.save_pretrained(root / "policy")
     tok.save_pretrained(root / "policy")
-    save_with_head(RewardModel(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")),
-                   tok, root / "rm")
+    config.num_labels = 1  # the reward model: a standard one-label sequence classifier
+    AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").save_pretrained(
+        root / "rm")
+    tok.save_pretrained(root / "rm")
     rng = random.Random(seed)
     # 15 words + <bos> = 16 prompt tokens
     rows = [{"prompt": " ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(PROMPT - 1))}

@@ -28,6 +28,12 @@ def _in(cfg, name: str, low: float, high: float = math.inf, *, low_open: bool = 
     _require(ok, f"{name} must be {bound}; got {value}")
 
 
+def _check_prompt_limit(cfg) -> None:
+    _in(cfg, "max_prompt_length", 0)
+    _require(not cfg.truncate_prompts or cfg.max_prompt_length >= 1,
+             "truncate_prompts needs max_prompt_length >= 1")
+
+
 @dataclass
 class SFTConfig:
     data: str
@@ -42,6 +48,10 @@ class SFTConfig:
     """Sequences per step."""
     lr: float = 3e-3
     """AdamW learning rate."""
+    max_prompt_length: int = 0
+    """Longest prompt in tokens (0: no limit); a longer one is refused, or cut (truncate_prompts)."""
+    truncate_prompts: bool = False
+    """Cut prompts longer than max_prompt_length from the left (a leading BOS is kept)."""
     save_every: int = 100
     """Checkpoint every this many steps (and at the end)."""
     resume: bool = False
@@ -61,6 +71,7 @@ class SFTConfig:
         for name in ("steps", "save_every", "batch_size"):
             _in(self, name, 1)
         _in(self, "lr", 0, low_open=True)
+        _check_prompt_limit(self)
         return self
 
 
@@ -71,7 +82,8 @@ class RMConfig:
     model: str
     """The SFT checkpoint whose backbone the reward model starts from."""
     out: str = "runs/rm"
-    """Output folder: the checkpoint (backbone + score head), metrics.jsonl and the plot."""
+    """Output folder: the checkpoint (a one-label AutoModelForSequenceClassification directory),
+    metrics.jsonl and the plot."""
     steps: int = 300
     """Optimizer steps."""
     batch_size: int = 32
@@ -80,6 +92,10 @@ class RMConfig:
     """AdamW learning rate."""
     eval_fraction: float = 0.1
     """Fraction of the pairs held out to measure pairwise accuracy."""
+    max_prompt_length: int = 0
+    """Longest prompt in tokens (0: no limit); a longer one is refused, or cut (truncate_prompts)."""
+    truncate_prompts: bool = False
+    """Cut prompts longer than max_prompt_length from the left (a leading BOS is kept)."""
     save_every: int = 100
     """Checkpoint every this many steps (and at the end)."""
     resume: bool = False
@@ -100,6 +116,7 @@ class RMConfig:
             _in(self, name, 1)
         _in(self, "lr", 0, low_open=True)
         _in(self, "eval_fraction", 0, 1, low_open=True, high_open=True)
+        _check_prompt_limit(self)
         return self
 
 
@@ -180,9 +197,7 @@ class PPOConfig:
         for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
                      "kl_horizon", "save_every"):
             _in(self, name, 1)
-        _in(self, "max_prompt_length", 0)
-        _require(not self.truncate_prompts or self.max_prompt_length >= 1,
-                 "truncate_prompts needs max_prompt_length >= 1")
+        _check_prompt_limit(self)
         _require(self.mini_batch_size <= self.batch_size,
                  f"mini_batch_size ({self.mini_batch_size}) must not exceed batch_size "
                  f"({self.batch_size})")

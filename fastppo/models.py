@@ -1,11 +1,14 @@
 """Models: the actor-critic on one backbone, the reward model, and their checkpoints.
 
-Both wrap any local Hugging Face causal LM (Llama, Qwen2, GPT-2, ...): `lm.base_model` is the backbone
+Both wrap a local Hugging Face decoder (Llama, Qwen2, GPT-2, ...): `lm.base_model` is the backbone
 and `lm.get_output_embeddings()` the LM head, so one backbone forward gives the hidden states from
-which the logits (actor) and the values (critic) are both read.
+which the logits (actor) and the values (critic) are both read. The reward model is the standard
+`AutoModelForSequenceClassification` with one label (its backbone and its `score` head), as the
+peers and the Hub store reward models; fastppo reads its score at the last attended token.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import warnings
@@ -14,7 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          LlamaConfig, PretrainedConfig)
+from transformers.utils import logging as hf_logging
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -65,11 +70,22 @@ def check_model_dir(path, what: str) -> None:
 
 
 def check_reward_model_dir(path, what: str) -> None:
-    """check_model_dir, and the score head that `fastppo rm` saves beside the backbone."""
+    """check_model_dir, and a scalar score head: an AutoModelForSequenceClassification directory
+    with num_labels=1 (what `fastppo rm` writes, and how the peers and the Hub store reward models),
+    or a causal LM with fastppo's older head.safetensors beside it."""
     check_model_dir(path, what)
-    if not (Path(path) / HEAD_FILE).is_file():
-        raise ValueError(f"{what} {path}: no {HEAD_FILE} beside the model, so it is not a fastppo "
-                         "reward model (an SFT checkpoint?); train one with `fastppo rm`")
+    if (Path(path) / HEAD_FILE).is_file():
+        return
+    config = AutoConfig.from_pretrained(path)
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"{what} {path}: not a fastppo reward model (an SFT checkpoint?): its "
+                         f"architectures are {architectures}, not a sequence classifier; train one "
+                         "with `fastppo rm`, or give a directory saved by "
+                         "AutoModelForSequenceClassification with num_labels=1")
+    if config.num_labels != 1:
+        raise ValueError(f"{what} {path}: a sequence classifier with num_labels={config.num_labels};"
+                         " a reward model gives one score (num_labels=1)")
 
 
 def check_fits_context(path, length: int, what: str) -> None:
@@ -115,20 +131,61 @@ _DTYPE_ARG = "dtype" if "dtype" in inspect.signature(PretrainedConfig.__init__).
 _told_float32 = set()
 
 
-def load_lm(path, device="cpu"):
-    """The causal LM in `path`, in float32 whatever dtype it is stored in (training in bf16 is not
-    supported yet: a checkpoint stored in bf16 or fp16 is upcast, with a notice, and saved back in
-    float32)."""
-    lm = AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation=attention_implementation(device),
-        **{_DTYPE_ARG: torch.float32}).to(device)
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silences transformers' loading report: the callers check its findings themselves."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _from_pretrained(auto, path, device, **kwargs):
+    """(model, loading info) of `auto` in `path`, in float32 whatever dtype it is stored in
+    (training in bf16 is not supported yet: a checkpoint stored in bf16 or fp16 is upcast, with a
+    notice, and saved back in float32)."""
+    with _quiet_transformers():
+        model, info = auto.from_pretrained(
+            path, attn_implementation=attention_implementation(device), output_loading_info=True,
+            **{_DTYPE_ARG: torch.float32}, **kwargs)
     stored = stored_dtype(AutoConfig.from_pretrained(path))
     if stored not in (None, torch.float32) and str(path) not in _told_float32:
         _told_float32.add(str(path))
         warnings.warn(f"{path} is stored in {str(stored).removeprefix('torch.')}; fastppo trains in "
                       "float32 for now (the weights are upcast, checkpoints are written in float32)",
-                      UserWarning, stacklevel=2)
-    return lm
+                      UserWarning, stacklevel=3)
+    missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
+    if missing:
+        raise ValueError(f"{path}: weights missing from the checkpoint: {', '.join(missing[:5])}")
+    return model.to(device), info
+
+
+def load_lm(path, device="cpu"):
+    """The causal LM in `path`, in float32 (see _from_pretrained)."""
+    return _from_pretrained(AutoModelForCausalLM, path, device)[0]
+
+
+def new_reward_model(path, pad_id: int | None, device="cpu") -> RewardModel:
+    """A reward model on the backbone of the causal LM in `path` (the SFT model): the LM head is
+    dropped and the score head is new, initialised as the model's family initialises a head.
+    `pad_id` goes into its config for Hugging Face's own pooling (see RewardModel)."""
+    model, _ = _from_pretrained(AutoModelForSequenceClassification, path, device, num_labels=1,
+                                pad_token_id=pad_id)
+    return RewardModel(model)
+
+
+def load_reward_model(path, device="cpu") -> RewardModel:
+    """The reward model in `path` (check_reward_model_dir's two kinds), in float32."""
+    model, info = _from_pretrained(AutoModelForSequenceClassification, path, device, num_labels=1)
+    if (Path(path) / HEAD_FILE).is_file():  # fastppo's older layout: a causal LM, the head beside
+        model.score = nn.Linear(model.score.in_features, 1).to(device)
+        model.score.load_state_dict(load_file(Path(path) / HEAD_FILE))
+    elif info["missing_keys"]:
+        raise ValueError(f"{path}: the reward model has no trained score head in its weights "
+                         f"(missing: {', '.join(info['missing_keys'])})")
+    return RewardModel(model)
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -170,34 +227,46 @@ class ActorCritic(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """The backbone plus a scalar head read at each sequence's last non-padding token."""
+    """A one-label sequence classifier (AutoModelForSequenceClassification) read at each sequence's
+    last attended token: the response's EOS, or its last token when it was cut at max_new_tokens.
 
-    def __init__(self, lm):
+    Positions follow the attention mask (left padding skipped), as everywhere in fastppo. Hugging
+    Face's own forward reads the last token whose id is not the pad id, with positions counted from
+    the first column; on right-padded rows the two agree unless the pad id is the EOS id (there it
+    reads the token before the EOS). So `fastppo rm` writes pad_token_id into the config only for a
+    tokenizer with its own pad token; without one, Hugging Face scores a batch of one unpadded
+    sequence (as fastppo does) and refuses larger batches."""
+
+    def __init__(self, model):
         super().__init__()
-        self.lm = lm
-        self.score_head = nn.Linear(lm.config.hidden_size, 1)
+        score = getattr(model, "score", None)
+        if not (isinstance(score, nn.Linear) and score.out_features == 1):
+            raise ValueError(f"{type(model).__name__} has no one-output `score` head; fastppo reads "
+                             "reward models of the decoder families (Llama, Qwen2, GPT-2, ...)")
+        self.model = model
 
     def forward(self, input_ids, attention_mask):
-        hidden = backbone(self.lm, input_ids, attention_mask).last_hidden_state
+        hidden = backbone(self.model, input_ids, attention_mask).last_hidden_state
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
-        return self.score_head(hidden[torch.arange(len(last)), last]).squeeze(-1)
+        return self.model.score(hidden[torch.arange(len(last)), last]).squeeze(-1)
 
 
 HEAD_FILE = "head.safetensors"
 
 
-def save_with_head(model: ActorCritic | RewardModel, tokenizer, directory) -> None:
-    """A Hugging Face directory that AutoModelForCausalLM loads as it is, with the extra head beside."""
-    model.lm.save_pretrained(directory, safe_serialization=True)
+def save_model(model: ActorCritic | RewardModel, tokenizer, directory) -> None:
+    """A Hugging Face directory that loads as it is: the policy with AutoModelForCausalLM (its value
+    head beside it in head.safetensors), the reward model with AutoModelForSequenceClassification."""
+    hf_model = model.lm if isinstance(model, ActorCritic) else model.model
+    hf_model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    head = model.value_head if isinstance(model, ActorCritic) else model.score_head
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()},
-              f"{directory}/{HEAD_FILE}")
+    if isinstance(model, ActorCritic):
+        save_file({k: v.detach().contiguous() for k, v in model.value_head.state_dict().items()},
+                  f"{directory}/{HEAD_FILE}")
 
 
-def load_head(model: ActorCritic | RewardModel, directory) -> None:
-    head = model.value_head if isinstance(model, ActorCritic) else model.score_head
-    head.load_state_dict(load_file(f"{directory}/{HEAD_FILE}"))
+def load_value_head(model: ActorCritic, directory) -> None:
+    model.value_head.load_state_dict(load_file(f"{directory}/{HEAD_FILE}"))
 
 
 def lm_logits(lm, input_ids, attention_mask, positions: slice = slice(None)):

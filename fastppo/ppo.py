@@ -25,9 +25,9 @@ from fastppo.config import PPOConfig
 from fastppo.data import encode_prompts, limit_prompts, read_jsonl, special_ids
 from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logprobs
 from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
-from fastppo.models import (ActorCritic, RewardModel, check_fits_context, check_model_dir,
-                            check_reward_model_dir, check_same_tokenizer, lm_logits, load_head,
-                            load_lm, save_with_head)
+from fastppo.models import (ActorCritic, check_fits_context, check_model_dir,
+                            check_reward_model_dir, check_same_tokenizer, lm_logits, load_lm,
+                            load_reward_model, load_value_head, save_model)
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
 
@@ -86,8 +86,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
     generator = run.setup(cfg.seed, cfg.device)
     model = ActorCritic(load_lm(cfg.policy, cfg.device)).to(cfg.device)
     ref_lm = copy.deepcopy(model.lm).eval().requires_grad_(False)  # the frozen SFT weights
-    reward_model = RewardModel(load_lm(cfg.reward_model, cfg.device)).to(cfg.device)
-    load_head(reward_model, cfg.reward_model)
+    reward_model = load_reward_model(cfg.reward_model, cfg.device)
     reward_model.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)  # one pass per step
     # The rollout engine samples from the live policy; the trainer scores its samples at the
@@ -97,11 +96,11 @@ def train_ppo(cfg: PPOConfig) -> Path:
     temperature = rollout.sampling.temperature
 
     def write_model(directory):
-        save_with_head(model, tokenizer, directory)
+        save_model(model, tokenizer, directory)
 
     def load_model(directory):
         model.lm.load_state_dict(load_lm(directory, cfg.device).state_dict())
-        load_head(model, directory)
+        load_value_head(model, directory)
 
     kl_coef, start_iteration = cfg.kl_coef, 0
     if cfg.resume:

@@ -1,5 +1,6 @@
 """Reward model: the SFT backbone plus a scalar head, trained on ranked pairs with
--log sigmoid(r_chosen - r_rejected); reports held-out pairwise accuracy."""
+-log sigmoid(r_chosen - r_rejected); reports held-out pairwise accuracy. The checkpoint is a standard
+AutoModelForSequenceClassification directory (num_labels=1)."""
 from __future__ import annotations
 
 import time
@@ -12,10 +13,11 @@ from transformers import AutoTokenizer
 
 from fastppo import run
 from fastppo.config import RMConfig
-from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl, special_ids
+from fastppo.data import (encode_prompts, encode_responses, limit_prompts, pack, read_jsonl,
+                          special_ids)
 from fastppo.metrics import MetricsLog, plot
-from fastppo.models import (RewardModel, check_fits_context, check_model_dir, load_head, load_lm,
-                            save_with_head)
+from fastppo.models import (check_fits_context, check_model_dir, load_reward_model,
+                            new_reward_model, save_model)
 
 
 def _scores(rm, tokenizer, prompts, responses, device):
@@ -40,14 +42,17 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     rows = read_jsonl(cfg.data, "rm")
     check_model_dir(cfg.model, "model")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    prompts = limit_prompts(encode_prompts(tokenizer, [r["prompt"] for r in rows]),
+                            cfg.max_prompt_length, cfg.truncate_prompts, tokenizer.bos_token_id)
     chosen = encode_responses(tokenizer, [r["chosen"] for r in rows])
     rejected = encode_responses(tokenizer, [r["rejected"] for r in rows])
     check_fits_context(cfg.model, max(len(p) + max(len(c), len(r))
                                       for p, c, r in zip(prompts, chosen, rejected)),
                        f"the longest prompt + response of {cfg.data}")
     generator = run.setup(cfg.seed, cfg.device)
-    rm = RewardModel(load_lm(cfg.model, cfg.device)).to(cfg.device).train()
+    pad, eos = special_ids(tokenizer)
+    # Hugging Face's pooling finds the last token by its id: only a pad token of its own is safe.
+    rm = new_reward_model(cfg.model, pad if pad != eos else None, cfg.device).train()
     order = torch.randperm(len(rows), generator=generator).tolist()
     n_eval = max(1, int(len(rows) * cfg.eval_fraction))
     held, train = order[:n_eval], order[n_eval:]
@@ -56,11 +61,10 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, fused=True)
 
     def write_model(directory):
-        save_with_head(rm, tokenizer, directory)
+        save_model(rm, tokenizer, directory)
 
     def load_model(directory):
-        rm.lm.load_state_dict(load_lm(directory, cfg.device).state_dict())
-        load_head(rm, directory)
+        rm.load_state_dict(load_reward_model(directory, cfg.device).state_dict())
 
     start_step = 0
     if cfg.resume:

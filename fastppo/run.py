@@ -33,8 +33,8 @@ MAY_CHANGE_ON_RESUME = ("steps", "iterations", "save_every", "device", "resume",
 
 
 class Stopped(RuntimeError):
-    """A run stopped on purpose (a non-finite loss, gradient or weights); its last good checkpoint
-    stays. The CLI prints it as one line, exit code 1."""
+    """A run stopped on purpose (a non-finite loss, gradient or weights, or a checkpoint that could
+    not be written); its last good checkpoint stays. The CLI prints it as one line, exit code 1."""
 
 
 def resolved_config(cfg) -> dict:
@@ -62,6 +62,9 @@ def check_output(cfg) -> None:
         saved = found / CONFIG
         if saved.is_file() and not cfg.allow_config_change:
             before, now = yaml.safe_load(saved.read_text()) or {}, resolved_config(cfg)
+            # a field added since that checkpoint was written had its default then
+            before = {f.name: f.default for f in dataclasses.fields(cfg)
+                      if f.default is not dataclasses.MISSING} | before
             changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
                        if k not in MAY_CHANGE_ON_RESUME and before.get(k) != now.get(k)]
             if changed:
@@ -196,10 +199,11 @@ def save(out, write_model: Callable[[Path], None], optimizer: torch.optim.Optimi
          generator: torch.Generator, **counters) -> None:
     """Write `out/checkpoint` atomically: the weights (write_model(directory)), then the trainer
     state: optimizer, RNG states and `counters` (numbers such as step, kl_coef). Weights that are not
-    finite are never written: the run stops and the last good checkpoint stays."""
+    finite are never written, and a save that fails (disk full) leaves no partial copy: either way
+    the run stops (Stopped) and the last good checkpoint stays."""
+    at = ", ".join(f"{k} {v}" for k, v in counters.items() if isinstance(v, int))
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     if trained and not bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()):  # 1 sync
-        at = ", ".join(f"{k} {v}" for k, v in counters.items() if isinstance(v, int))
         raise Stopped(f"the weights are not finite at {at}; stopping without saving. "
                       f"{_last_good(out)}")
 
@@ -209,7 +213,19 @@ def save(out, write_model: Callable[[Path], None], optimizer: torch.optim.Optimi
             shutil.copyfile(Path(out) / CONFIG, directory / CONFIG)
         save_state(directory, {"optimizer": optimizer.state_dict(), "rng": rng_state(generator),
                                **counters})
-    save_atomic(Path(out) / "checkpoint", write)
+    try:
+        save_atomic(Path(out) / "checkpoint", write)
+    except OSError as e:  # disk full, quota, folder gone: the aside copy is already removed
+        last = latest(Path(out) / "checkpoint")
+        need = (f" (about {_size(last) / 2**20:.0f} MiB: the last one's size)"
+                if last is not None else "")
+        raise Stopped(f"could not write the checkpoint at {at} ({e.strerror or e}); stopping. "
+                      f"{_last_good(out)}. A save needs room for a second checkpoint beside the "
+                      f"first{need}") from e
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
 def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:

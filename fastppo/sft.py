@@ -10,7 +10,8 @@ from transformers import AutoTokenizer
 
 from fastppo import run
 from fastppo.config import SFTConfig
-from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl, special_ids
+from fastppo.data import (encode_prompts, encode_responses, limit_prompts, pack, read_jsonl,
+                          special_ids)
 from fastppo.kernels import token_logprobs
 from fastppo.metrics import MetricsLog, plot
 from fastppo.models import check_fits_context, check_model_dir, lm_logits, load_lm
@@ -24,7 +25,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     check_model_dir(cfg.model, "model")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     pad, _ = special_ids(tokenizer)
-    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    prompts = limit_prompts(encode_prompts(tokenizer, [r["prompt"] for r in rows]),
+                            cfg.max_prompt_length, cfg.truncate_prompts, tokenizer.bos_token_id)
     responses = encode_responses(tokenizer, [r["response"] for r in rows])
     check_fits_context(cfg.model, max(len(p) + len(r) for p, r in zip(prompts, responses)),
                        f"the longest prompt + response of {cfg.data}")

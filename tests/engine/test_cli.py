@@ -78,6 +78,13 @@ def model_dir(tmp_path, small_run, kind):
     if kind == "no_tokenizer":
         (path / "config.json").write_text((out / "base" / "config.json").read_text())
         return path
+    if kind == "rm_two_labels":  # a two-class sequence classifier
+        path.rmdir()
+        shutil.copytree(out / "rm" / "checkpoint", path)
+        config = json.loads((path / "config.json").read_text())
+        config.update(id2label={"0": "bad", "1": "good"}, label2id={"bad": 0, "good": 1})
+        (path / "config.json").write_text(json.dumps(config))
+        return path
     if kind == "rm_other_tokenizer":  # the reward model, with one more token in its vocabulary
         path.rmdir()
         shutil.copytree(out / "rm" / "checkpoint", path)
@@ -98,7 +105,8 @@ ERRORS = [  # (arguments, what stderr must say); {out}, {tmp} and {bad:KIND} are
     (["sft", "--model", "{bad:no_tokenizer}"], "no tokenizer files"),
     (["sft", "--model", "{bad:bert}"], "a 'bert' model is an encoder, not a causal language model"),
     (["rm", "--model", "{bad:t5}"], "a 't5' model is an encoder-decoder, not a causal language"),
-    (["ppo", "--reward_model", "{out}/sft/checkpoint"], "not a fastppo reward model"),
+    (["ppo", "--reward_model", "{out}/sft/checkpoint"], "not a fastppo reward model (an SFT "),
+    (["ppo", "--reward_model", "{bad:rm_two_labels}"], "num_labels=2; a reward model gives one"),
     (["sft", "--device", "tpu9"], "device must be a torch device such as 'cpu' or 'cuda:0'"),
     (["sft", "--data", "{tmp}/latin1.jsonl"], "latin1.jsonl:2: not UTF-8 text (byte 0xe9"),
     (["pipeline", "--ppo", '{"klcoef": 1}'], "ppo: 'klcoef' is not a PPOConfig field"),

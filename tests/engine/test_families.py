@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import DEVICE
 from families import CHATML, FAMILIES, build, check_tokenizer, data
 from fastppo.data import encode_prompts, pack_prompts
+from fastppo.models import load_reward_model
 from fastppo.pipeline import PipelineConfig, run_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -42,13 +43,23 @@ def check_run(out: Path, model: Path) -> None:
     original = AutoTokenizer.from_pretrained(model)
     for stage in STAGES:
         checkpoint = out / "run" / stage / "checkpoint"
-        lm = AutoModelForCausalLM.from_pretrained(checkpoint)
+        auto = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
+        model, info = auto.from_pretrained(checkpoint, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (stage, info)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         assert tokenizer(TEXT).input_ids == original(TEXT).input_ids, stage
         assert tokenizer.eos_token_id == original.eos_token_id, stage
         assert tokenizer.bos_token_id == original.bos_token_id, stage
-        ids = torch.tensor([tokenizer(TEXT).input_ids])
-        assert lm(ids).logits.shape == (1, ids.shape[1], lm.config.vocab_size), stage
+        ids = torch.tensor([tokenizer(TEXT).input_ids + [tokenizer.eos_token_id]])
+        if stage != "rm":
+            assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size), stage
+            continue
+        # No pad token of their own (Qwen2's is its EOS): no pad id in the config, so Hugging Face
+        # scores an unpadded sequence at its last token, the EOS, as fastppo does.
+        assert model.config.num_labels == 1 and model.config.pad_token_id is None
+        with torch.no_grad():
+            torch.testing.assert_close(load_reward_model(checkpoint)(ids, torch.ones_like(ids)),
+                                       model(ids).logits[:, 0], rtol=1e-5, atol=1e-5)
     rows = [json.loads(line) for line in
             (out / "run" / "ppo" / "metrics.jsonl").read_text().splitlines() if line]
     assert len(rows) == 2

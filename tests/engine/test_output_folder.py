@@ -118,6 +118,33 @@ def test_a_failed_save_removes_its_aside_copy_and_keeps_the_last_checkpoint(tmp_
     assert not (tmp_path / "checkpoint.tmp").exists()
 
 
+def test_a_trainer_whose_disk_fills_stops_and_keeps_its_last_checkpoint(small_run, tmp_path,
+                                                                        monkeypatch):
+    # The second save (step 2) runs out of space half-way: the run stops with one line naming the
+    # kept checkpoint and the room a save needs, nothing partial is left, and it resumes from step 1.
+    real, calls = run.save_state, []
+
+    def fills_up(directory, state):
+        calls.append(state["step"])
+        if len(calls) == 2:
+            (directory / "trainer_state.json").write_text("{")
+            raise OSError(28, "No space left on device")
+        real(directory, state)
+    monkeypatch.setattr(run, "save_state", fills_up)
+    with pytest.raises(run.Stopped, match=r"could not write the checkpoint at step 2 \(No space "
+                                          r"left on device\); stopping\. The last good checkpoint "
+                                          r"is in .*checkpoint\. A save needs room for a second "
+                                          r"checkpoint beside the first \(about \d+ MiB"):
+        train_sft(sft(small_run, tmp_path / "run", steps=3))
+    assert calls == [1, 2]
+    assert load_state(tmp_path / "run" / "checkpoint")["step"] == 1
+    assert not (tmp_path / "run" / "checkpoint.tmp").exists()
+    assert not (tmp_path / "run" / run.LOCK).exists()  # the lock goes with the run
+    monkeypatch.setattr(run, "save_state", real)
+    train_sft(sft(small_run, tmp_path / "run", steps=3, resume=True))
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
+
+
 def test_pipeline_checks_every_stage_before_the_first(small_run, tmp_path):
     out, _ = small_run
     data = out / "data"

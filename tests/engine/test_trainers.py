@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import SMALL
 from engine_testing import TIMING, ppo_config
@@ -31,15 +31,19 @@ def test_demo_learns_the_hidden_preference(tmp_path, seed):
 
 
 def test_checkpoints_load_with_transformers(small_run):
+    # the policies as causal LMs (PPO's value head beside), the reward model as a sequence
+    # classifier (tests/engine/test_reward_models.py checks its scores)
     out, _ = small_run
     for stage in ("sft", "rm", "ppo"):
         path = out / stage / "checkpoint"
-        lm = AutoModelForCausalLM.from_pretrained(path)
+        auto = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
+        model, info = auto.from_pretrained(path, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (stage, info)
         tokenizer = AutoTokenizer.from_pretrained(path)
         ids = tokenizer("the film was good", return_tensors="pt").input_ids
-        assert lm(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
-        assert (path / "model.safetensors").exists() and (path / "head.safetensors").exists() \
-            or stage == "sft"
+        width = 1 if stage == "rm" else len(tokenizer)
+        assert model(ids).logits.shape[-1] == width
+        assert (path / "head.safetensors").exists() == (stage == "ppo")
 
 
 def test_first_minibatch_sees_ratio_one(small_run):
@@ -279,3 +283,31 @@ def test_truncated_prompts_train(small_run, tmp_path):
                              truncate_prompts=True))
     row = json.loads((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["first_ratio_max_error"] <= 1e-5
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_sft_and_rm_limit_prompts_as_ppo_does(small_run, tmp_path, stage):
+    # A prompt longer than the model's 128 positions: refused by the context check, or by
+    # max_prompt_length, or cut from the left to fit, keeping the BOS.
+    from fastppo.config import RMConfig, SFTConfig
+    from fastppo.rm import train_rm
+    from fastppo.sft import train_sft
+
+    out, _ = small_run
+    kind = "sft" if stage == "sft" else "rm"
+    rows = read_jsonl(out / "data" / f"{kind}.jsonl", kind)[:16]
+    rows[0]["prompt"] = " ".join(["the film was"] * 60)
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make, train = ((SFTConfig, train_sft) if stage == "sft" else (RMConfig, train_rm))
+    model = out / "base" if stage == "sft" else out / "sft" / "checkpoint"
+
+    def config(name, **kw):
+        return make(data=str(data), model=str(model), out=str(tmp_path / name), steps=1,
+                    batch_size=4, **kw)
+    with pytest.raises(ValueError, match="prompt \\+ response of .* more than the 128 positions"):
+        train(config("plain"))
+    with pytest.raises(ValueError, match="prompt 0 has 181 tokens, more than max_prompt_length=16"):
+        train(config("refused", max_prompt_length=16))
+    train(config("cut", max_prompt_length=16, truncate_prompts=True))
+    assert (tmp_path / "cut" / "checkpoint").is_dir()

@@ -83,6 +83,19 @@ def test_resume_refuses_a_checkpoint_of_another_config(small_run, tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "run")] == [0, 1, 2, 3]
 
 
+def test_resume_takes_fields_added_since_the_checkpoint_as_their_defaults(small_run, tmp_path):
+    # A checkpoint written before max_prompt_length existed resumes; one that differs still does not.
+    train_sft(sft(small_run, tmp_path / "run"))
+    for path in (tmp_path / "run" / run.CONFIG, tmp_path / "run" / "checkpoint" / run.CONFIG):
+        saved = yaml.safe_load(path.read_text())
+        del saved["max_prompt_length"], saved["truncate_prompts"]
+        path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(ValueError, match=r"another config \(max_prompt_length: 0 -> 8\)"):
+        train_sft(sft(small_run, tmp_path / "run", steps=3, resume=True, max_prompt_length=8))
+    train_sft(sft(small_run, tmp_path / "run", steps=3, resume=True))
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
+
+
 def test_the_resolved_config_is_saved_with_the_run_and_each_checkpoint(small_run, tmp_path,
                                                                         monkeypatch):
     monkeypatch.chdir(tmp_path)

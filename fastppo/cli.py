@@ -8,6 +8,7 @@ whole pipeline on the built-in task in a few seconds to a minute on a CPU.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from jsonargparse import ArgumentParser, set_parsing_settings
@@ -37,6 +38,12 @@ def parser() -> ArgumentParser:
     return root
 
 
+def say(line: str) -> None:
+    """Print once: on rank 0 under torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -62,24 +69,28 @@ def main(argv: list[str] | None = None) -> int:
         if name == "sft":
             from fastppo.sft import train_sft
 
-            print(f"SFT checkpoint: {train_sft(cfg)}")
+            say(f"SFT checkpoint: {train_sft(cfg)}")
         elif name == "rm":
             from fastppo.rm import train_rm
 
             checkpoint, accuracy = train_rm(cfg)
-            print(f"reward model checkpoint: {checkpoint} (held-out pairwise accuracy {accuracy:.3f})")
+            say(f"reward model checkpoint: {checkpoint} (held-out pairwise accuracy {accuracy:.3f})")
         else:
             from fastppo.ppo import train_ppo
 
-            print(f"PPO checkpoint: {train_ppo(cfg)}")
+            say(f"PPO checkpoint: {train_ppo(cfg)}")
     except ValueError as e:  # bad input: one clear line, no traceback
-        print(f"fastppo {name}: error: {e}", file=sys.stderr)
+        print(f"fastppo {name}{_rank()}: error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:  # the run stopped itself (non-finite loss): one line, checkpoint kept
-        print(f"fastppo {name}: stopped: {e}", file=sys.stderr)
+        print(f"fastppo {name}{_rank()}: stopped: {e}", file=sys.stderr)
         return 1
     return 0
 
+
+def _rank() -> str:
+    """" (rank R)" under torchrun, where every rank reports its own errors."""
+    return f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fastppo.distributed import check_divides
+
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
@@ -198,6 +200,7 @@ class PPOConfig:
                      "kl_horizon", "save_every"):
             _in(self, name, 1)
         _check_prompt_limit(self)
+        check_divides(batch_size=self.batch_size, mini_batch_size=self.mini_batch_size)
         _require(self.mini_batch_size <= self.batch_size,
                  f"mini_batch_size ({self.mini_batch_size}) must not exceed batch_size "
                  f"({self.batch_size})")

@@ -130,8 +130,14 @@ class Batch:
                      self.prompt_len)
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+         prompt_len: int | None = None) -> Batch:
+    """Prompts left-padded to `prompt_len` (default: the longest), responses right-padded."""
     P = max(len(p) for p in prompts)
+    if prompt_len is not None:
+        if prompt_len < P:
+            raise ValueError(f"prompt_len={prompt_len} is shorter than the longest prompt ({P})")
+        P = prompt_len
     R = max(max((len(r) for r in responses), default=0), 1)
     ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
     attn = torch.zeros(ids.shape, dtype=torch.bool)
@@ -143,8 +149,8 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> B
     return Batch(ids, attn, attn[:, P:].clone(), P)
 
 
-def pack_prompts(prompts: list[list[int]], pad_id: int) -> Batch:
+def pack_prompts(prompts: list[list[int]], pad_id: int, prompt_len: int | None = None) -> Batch:
     """Prompts alone, left-padded: the input of generation (no response columns yet)."""
-    full = pack(prompts, [[] for _ in prompts], pad_id)
+    full = pack(prompts, [[] for _ in prompts], pad_id, prompt_len)
     P = full.prompt_len
     return Batch(full.input_ids[:, :P], full.attention_mask[:, :P], full.response_mask[:, :0], P)

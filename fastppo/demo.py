@@ -52,7 +52,7 @@ def evaluate(policy_dir, reference_dir, prompts: list[str], *, max_new_tokens: i
     policy, reference = load_lm(policy_dir, device).eval(), load_lm(reference_dir, device).eval()
     pad, eos = special_ids(tokenizer)
     rollout = HFRollout(policy, Sampling(max_new_tokens), eos_id=eos, pad_id=pad, device=device,
-                        generator=torch.Generator().manual_seed(seed))
+                        seed=seed)
     batch = rollout.generate(encode_prompts(tokenizer, prompts))
     labels = batch.responses.masked_fill(~batch.response_mask, -100)
     at = batch.response_positions

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from fastppo.distributed import is_main
+
 
 def reset_peak_memory(device) -> float:
     """Start a new peak-memory window (CUDA: the allocator's peak; Linux CPU: the process's peak RSS)
@@ -45,6 +47,9 @@ class MetricsLog:
 
     def __init__(self, out, *, resume_step: int | None = None):
         self.path = Path(out) / "metrics.jsonl"
+        self.enabled = is_main()  # under torchrun rank 0 writes; rows are global-batch figures
+        if not self.enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         if resume_step is not None and self.path.exists():
@@ -52,6 +57,8 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -60,6 +67,8 @@ class MetricsLog:
 
 
 def plot(metrics_path, png_path, keys: list[str], title: str) -> None:
+    if not is_main():
+        return
     import matplotlib
 
     matplotlib.use("Agg")

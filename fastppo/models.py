@@ -222,7 +222,7 @@ class ActorCritic(nn.Module):
         is not spent on prompt positions nobody reads."""
         hidden = hidden_at(self.lm, input_ids, attention_mask, positions)
         logits = self.lm.get_output_embeddings()(hidden)
-        values = self.value_head(hidden).squeeze(-1)
+        values = self.value_head(hidden).squeeze(-1).clone()  # not a view: FSDP2 hooks outputs
         return logits, values
 
 

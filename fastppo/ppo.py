@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from fastppo import run
+from fastppo import distributed, run
 from fastppo.config import PPOConfig
-from fastppo.data import encode_prompts, limit_prompts, read_jsonl, special_ids
+from fastppo.data import Batch, encode_prompts, limit_prompts, read_jsonl, special_ids
 from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logprobs
 from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
 from fastppo.models import (ActorCritic, check_fits_context, check_model_dir,
@@ -40,17 +40,36 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float("nan") if var == 0 else float(1 - (r - v).var() / var)
 
 
+def generate_global(rollout, prompts, iteration, cfg) -> Batch:
+    """The iteration's rollout as one global batch on every rank: each rank generates its rows
+    (sampled from uniforms keyed by their global row, prompts padded to the global width), then the
+    ranks exchange them (tokens and masks only: B x (P + R) integers)."""
+    rows = distributed.my_rows(torch.arange(len(prompts)))
+    P = max(len(p) for p in prompts)
+    local = rollout.generate([prompts[i] for i in rows.tolist()], iteration=iteration, rows=rows,
+                             prompt_len=P)
+    if distributed.world() == 1:
+        return local
+    width = P + cfg.max_new_tokens  # the widest a rank's batch can be; trimmed after the exchange
+    grow = lambda t, fill: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)  # noqa: E731
+    ids = distributed.gather_rows(grow(local.input_ids, rollout.pad_id))
+    attention = distributed.gather_rows(grow(local.attention_mask.long(), 0)).bool()
+    R = int(attention[:, P:].any(0).nonzero().max()) + 1 if attention[:, P:].any() else 1
+    return Batch(ids[:, :P + R], attention[:, :P + R], attention[:, P:P + R].clone(), P)
+
+
 @torch.no_grad()
 def rollout_forward(model, ref_lm, reward_model, batch, order, cfg, temperature):
     """Old log-probs and values (actor-critic), reference log-probs, scores: one no-grad pass each,
-    in the mini-batches of the first PPO epoch (`order`), at the sampling temperature."""
+    in the mini-batches of the first PPO epoch (`order`; each rank takes its share of each), at the
+    sampling temperature. Every rank ends with the whole batch's."""
     B, R = batch.response_mask.shape
     old_logprobs = torch.zeros(B, R, device=cfg.device)
     values, ref_logprobs = torch.zeros_like(old_logprobs), torch.zeros_like(old_logprobs)
     scores = torch.zeros(B, device=cfg.device)
     timings = {"reference": 0.0, "score": 0.0}
     for i in range(0, B, cfg.mini_batch_size):
-        idx = order[i:i + cfg.mini_batch_size]
+        idx = distributed.my_rows(order[i:i + cfg.mini_batch_size])
         mb = batch.select(idx)
         labels = mb.responses.masked_fill(~mb.response_mask, -100)
         logits, values[idx] = model(mb.input_ids, mb.attention_mask, mb.response_positions)
@@ -64,6 +83,7 @@ def rollout_forward(model, ref_lm, reward_model, batch, order, cfg, temperature)
         scores[idx] = reward_model(mb.input_ids, mb.attention_mask).float()
         timings["reference"] += t1 - t0
         timings["score"] += time.perf_counter() - t1
+    distributed.sum_over_ranks(old_logprobs, values, ref_logprobs, scores)  # each row from one rank
     return old_logprobs, values, ref_logprobs, scores, timings
 
 
@@ -88,23 +108,45 @@ def train_ppo(cfg: PPOConfig) -> Path:
     ref_lm = copy.deepcopy(model.lm).eval().requires_grad_(False)  # the frozen SFT weights
     reward_model = load_reward_model(cfg.reward_model, cfg.device)
     reward_model.eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)  # one pass per step
     # The rollout engine samples from the live policy; the trainer scores its samples at the
-    # engine's own temperature, so the two cannot disagree.
-    rollout = HFRollout(model.lm, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p),
-                        eos_id=eos, pad_id=pad, device=cfg.device, generator=generator)
+    # engine's own temperature, so the two cannot disagree. Under torchrun the policy is sharded
+    # (FSDP2) and the engine samples from a whole copy, refreshed from the shards every iteration.
+    sampler_lm = model.lm
+    if distributed.world() > 1:
+        sampler_lm = copy.deepcopy(model.lm).eval().requires_grad_(False)
+        distributed.shard(model, model.lm)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)  # one pass per step
+    rollout = HFRollout(sampler_lm, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                             cfg.top_p),
+                        eos_id=eos, pad_id=pad, device=cfg.device, seed=cfg.seed)
     temperature = rollout.sampling.temperature
 
-    def write_model(directory):
-        save_model(model, tokenizer, directory)
+    gathered = {}
+
+    def refresh_sampler():  # under torchrun: the sharded policy's weights, gathered once
+        whole = distributed.full_state_dict(model)
+        sampler_lm.load_state_dict({k.removeprefix("lm."): v for k, v in whole.items()
+                                    if k.startswith("lm.")})
+        return whole
+
+    def write_model(directory):  # on rank 0; under torchrun from the weights gathered for it
+        whole = model
+        if sampler_lm is not model.lm:
+            whole = ActorCritic(sampler_lm)
+            whole.value_head.load_state_dict(gathered["value_head"])
+        save_model(whole, tokenizer, directory)
 
     def load_model(directory):
-        model.lm.load_state_dict(load_lm(directory, cfg.device).state_dict())
-        load_value_head(model, directory)
+        state = {f"lm.{k}": v for k, v in load_lm(directory, cfg.device).state_dict().items()}
+        head = ActorCritic(sampler_lm)
+        load_value_head(head, directory)
+        state.update({f"value_head.{k}": v for k, v in head.value_head.state_dict().items()})
+        distributed.load_full_state_dict(model, state)
 
     kl_coef, start_iteration = cfg.kl_coef, 0
     if cfg.resume:
-        saved = run.resume(out, load_model, optimizer, generator, iteration=int, kl_coef=float)
+        saved = run.resume(out, load_model, optimizer, generator, model=model, iteration=int,
+                           kl_coef=float)
         kl_coef, start_iteration = saved["kl_coef"], saved["iteration"]
     log = MetricsLog(out, resume_step=start_iteration if cfg.resume else None)
 
@@ -118,7 +160,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
         # with training's (gradients flow all the same).
         model.eval()
         pick = torch.randint(len(prompts), (cfg.batch_size,), generator=generator).tolist()
-        batch = rollout.generate([prompts[i] for i in pick])
+        if sampler_lm is not model.lm:
+            refresh_sampler()
+        batch = generate_global(rollout, [prompts[i] for i in pick], iteration, cfg)
         t_generate = time.perf_counter()
         mask = batch.response_mask
 
@@ -135,11 +179,14 @@ def train_ppo(cfg: PPOConfig) -> Path:
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
-        # 4. PPO epochs over mini-batches.
+        # 4. PPO epochs over mini-batches. Each rank takes its share of every mini-batch; the loss
+        # is its tokens' sum over the global mini-batch's token count (times the world size, which
+        # FSDP's gradient average divides out), so the summed gradient is the one-process one.
         stats, first_ratio_error = [], None
         for order in epoch_orders:
             for i in range(0, cfg.batch_size, cfg.mini_batch_size):
-                idx = order[i:i + cfg.mini_batch_size]
+                tokens = mask[order[i:i + cfg.mini_batch_size]].sum().clamp(min=1)
+                idx = distributed.my_rows(order[i:i + cfg.mini_batch_size])
                 mb = batch.select(idx)
                 logits, values = model(mb.input_ids, mb.attention_mask, mb.response_positions)
                 out_loss = ppo_loss(
@@ -147,34 +194,42 @@ def train_ppo(cfg: PPOConfig) -> Path:
                     mb.response_mask, values=values,
                     old_values=old_values[idx], returns=returns[idx], clip_eps=cfg.clip_eps,
                     value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, entropy_coef=cfg.entropy_coef,
-                    temperature=temperature)
+                    temperature=temperature, reduction="sum")
+                loss = out_loss.loss * (distributed.world() / tokens)
                 if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
                     with torch.no_grad():
                         lp = token_logprobs(logits, mb.responses.masked_fill(
                             ~mb.response_mask, -100), temperature=temperature, validate=False)
                         ratio = torch.exp(lp - old_logprobs[idx])[mb.response_mask]
-                        first_ratio_error = (ratio - 1).abs().max().item()
-                run.stop_if_not_finite(out_loss.loss, out, what="PPO loss",
-                                       at=f"iteration {iteration}")
+                        first_ratio_error = distributed.max_over_ranks(
+                            (ratio - 1).abs().max().item() if ratio.numel() else 0.0, cfg.device)
+                mine = mb.response_mask.sum()  # the global mini-batch's stats, summed over ranks
+                stats.append(torch.stack([out_loss.policy_loss, out_loss.value_loss,
+                                          out_loss.entropy * mine, out_loss.clipfrac * mine,
+                                          out_loss.approx_kl * mine]) / tokens)
+                run.stop_if_not_finite(distributed.summed(loss.detach()) / distributed.world(),
+                                       out, what="PPO loss", at=f"iteration {iteration}")
                 optimizer.zero_grad(set_to_none=True)
-                out_loss.loss.backward()
+                loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 run.stop_if_not_finite(norm, out, what="PPO gradient norm",
                                        at=f"iteration {iteration}")
                 optimizer.step()
-                stats.append(out_loss)
         t_end = time.perf_counter()
+        stats = torch.stack(stats)
+        distributed.sum_over_ranks(stats)
+        mean = dict(zip(("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl"),
+                        stats.mean(0).tolist()))
 
         # 5. Log; adapt the KL coefficient; checkpoint.
         lengths = mask.sum(-1).float()
         kl = ((old_logprobs - ref_logprobs) * mask).sum(-1).mean().item()
-        mean = lambda name: sum(getattr(s, name).item() for s in stats) / len(stats)  # noqa: E731
         row = {
             "step": iteration, "score_mean": scores.mean().item(), "score_std": scores.std().item(),
             "reward": (rewards * mask).sum(-1).mean().item(), "kl": kl, "kl_coef": kl_coef,
-            "entropy": mean("entropy"), "policy_loss": mean("policy_loss"),
-            "value_loss": mean("value_loss"), "clipfrac": mean("clipfrac"),
-            "approx_kl": mean("approx_kl"), "first_ratio_max_error": first_ratio_error,
+            "entropy": mean["entropy"], "policy_loss": mean["policy_loss"],
+            "value_loss": mean["value_loss"], "clipfrac": mean["clipfrac"],
+            "approx_kl": mean["approx_kl"], "first_ratio_max_error": first_ratio_error,
             "explained_variance": explained_variance(old_values, returns, mask),
             "response_length": lengths.mean().item(),
             "tokens_per_s": lengths.sum().item() * (1 + cfg.ppo_epochs) / (t_end - t_start),
@@ -191,8 +246,12 @@ def train_ppo(cfg: PPOConfig) -> Path:
             error = max(-0.2, min(0.2, kl / cfg.kl_target - 1))
             kl_coef *= 1 + error / cfg.kl_horizon
         if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
-            run.save(out, write_model, optimizer, generator, iteration=iteration + 1,
-                     kl_coef=kl_coef)
+            if sampler_lm is not model.lm:
+                whole = refresh_sampler()
+                gathered["value_head"] = {k.removeprefix("value_head."): v
+                                          for k, v in whole.items() if k.startswith("value_head.")}
+            run.save(out, write_model, optimizer, generator, model=model,
+                     iteration=iteration + 1, kl_coef=kl_coef)
     progress.close()
     plot(log.path, out / "ppo.png", PLOT_KEYS, "PPO")
     return out / "checkpoint"

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import yaml
 
+from fastppo import distributed
 from fastppo.checkpoint import latest, load_state, rng_state, save_atomic, save_state, set_rng_state
 
 LOCK = ".fastppo.lock"
@@ -83,18 +84,24 @@ def owns_output(train: Callable) -> Callable:
     @functools.wraps(train)
     def wrapped(cfg):
         cfg.check()
-        check_output(cfg)
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        lock = _acquire(out / LOCK)
+        check_output(cfg)  # on every rank, before the process group starts: one message each
+        check_device(cfg.device)
+        cfg = dataclasses.replace(cfg, device=distributed.setup(cfg.device))  # torchrun: the group
+        out, lock = Path(cfg.out), None
         try:
-            if not cfg.resume:
-                for stale in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
-                    shutil.rmtree(out / stale, ignore_errors=True)
-            (out / CONFIG).write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+            if distributed.is_main():  # under torchrun, rank 0 owns the folder
+                out.mkdir(parents=True, exist_ok=True)
+                lock = _acquire(out / LOCK)
+                if not cfg.resume:
+                    for stale in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+                        shutil.rmtree(out / stale, ignore_errors=True)
+                (out / CONFIG).write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+            distributed.barrier()
             return train(cfg)
         finally:
-            lock.unlink(missing_ok=True)
+            if lock is not None:
+                lock.unlink(missing_ok=True)
+            distributed.teardown()
     return wrapped
 
 
@@ -145,6 +152,13 @@ def setup(seed: int, device: str) -> torch.Generator:
     """Check the device, seed torch's global RNG (which initialises new heads) and return the
     generator that draws every data-order and sampling choice of the run (on CPU whatever the
     device, so that a seed draws the same choices everywhere)."""
+    check_device(device)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def check_device(device: str) -> None:
+    """`device` names a torch device this machine has, else a ValueError saying what is wrong."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -155,12 +169,11 @@ def setup(seed: int, device: str) -> torch.Generator:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
                          "device(s)")
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optimizer,
-           generator: torch.Generator, **counters: type) -> dict:
+           generator: torch.Generator, *, model: torch.nn.Module | None = None,
+           **counters: type) -> dict:
     """Continue the run in `out` (for --resume): restore the optimizer, load the weights
     (load_model(checkpoint directory)), then restore every RNG. Returns the saved `counters`
     (name=type: step=int, kl_coef=float), each checked. The state is read and checked (counters,
@@ -186,7 +199,8 @@ def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optim
         torch.Generator().set_state(state["rng"]["torch"])
         torch.Generator().set_state(state["rng"]["generator"])
         random.Random().setstate(state["rng"]["python"])
-        optimizer.load_state_dict(state["optimizer"])  # checks every group before changing any
+        # checks every group before changing any; by name (a torchrun checkpoint) into `model`
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"resume: the trainer state in {found} does not fit this run "
                          f"({type(e).__name__}: {e})") from None
@@ -196,32 +210,41 @@ def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optim
 
 
 def save(out, write_model: Callable[[Path], None], optimizer: torch.optim.Optimizer,
-         generator: torch.Generator, **counters) -> None:
+         generator: torch.Generator, *, model: torch.nn.Module | None = None, **counters) -> None:
     """Write `out/checkpoint` atomically: the weights (write_model(directory)), then the trainer
     state: optimizer, RNG states and `counters` (numbers such as step, kl_coef). Weights that are not
     finite are never written, and a save that fails (disk full) leaves no partial copy: either way
-    the run stops (Stopped) and the last good checkpoint stays."""
+    the run stops (Stopped) and the last good checkpoint stays.
+
+    Under torchrun every rank calls it (the optimizer state is gathered from the shards of `model`,
+    by parameter name, so that it loads at any world size) and rank 0 writes."""
     at = ", ".join(f"{k} {v}" for k, v in counters.items() if isinstance(v, int))
     trained = [p for group in optimizer.param_groups for p in group["params"]]
-    if trained and not bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()):  # 1 sync
+    if not distributed.all_finite(trained):
         raise Stopped(f"the weights are not finite at {at}; stopping without saving. "
                       f"{_last_good(out)}")
+    optimizer_state = (optimizer.state_dict() if distributed.world() == 1
+                       else distributed.optimizer_state(model, optimizer))
 
     def write(directory):
         write_model(directory)
         if (Path(out) / CONFIG).is_file():  # the run's resolved config travels with its checkpoint
             shutil.copyfile(Path(out) / CONFIG, directory / CONFIG)
-        save_state(directory, {"optimizer": optimizer.state_dict(), "rng": rng_state(generator),
+        save_state(directory, {"optimizer": optimizer_state, "rng": rng_state(generator),
                                **counters})
-    try:
-        save_atomic(Path(out) / "checkpoint", write)
-    except OSError as e:  # disk full, quota, folder gone: the aside copy is already removed
-        last = latest(Path(out) / "checkpoint")
-        need = (f" (about {_size(last) / 2**20:.0f} MiB: the last one's size)"
-                if last is not None else "")
-        raise Stopped(f"could not write the checkpoint at {at} ({e.strerror or e}); stopping. "
-                      f"{_last_good(out)}. A save needs room for a second checkpoint beside the "
-                      f"first{need}") from e
+    failure = None
+    if distributed.is_main():
+        try:
+            save_atomic(Path(out) / "checkpoint", write)
+        except OSError as e:  # disk full, quota, folder gone: the aside copy is already removed
+            failure = e
+    if distributed.agree(failure is None):
+        return
+    last = latest(Path(out) / "checkpoint")
+    need = f" (about {_size(last) / 2**20:.0f} MiB: the last one's size)" if last is not None else ""
+    why = f"{failure.strerror or failure}" if failure is not None else "on rank 0"
+    raise Stopped(f"could not write the checkpoint at {at} ({why}); stopping. {_last_good(out)}. A "
+                  f"save needs room for a second checkpoint beside the first{need}") from failure
 
 
 def _size(directory: Path) -> int:

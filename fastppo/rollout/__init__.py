@@ -1,6 +1,6 @@
 """Rollout engines: where the PPO loop gets its samples.
 
-The loop asks a rollout object for a batch, `rollout.generate(prompts) -> Batch`, and never calls a
+The loop asks a rollout object for a batch, `rollout.generate(prompts, ...) -> Batch`, and never calls a
 sampler itself. Today's engine is the Hugging Face sampler with a KV cache (`hf.py`); another engine
 (vLLM) is a second file beside it, not a branch in the loop. An engine only picks tokens: the trainer
 recomputes every log-prob with its own forward at the same temperature (fastppo.ppo), which is what
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
+
+import torch
 
 from fastppo.data import Batch
 
@@ -30,8 +32,11 @@ class Rollout(Protocol):
 
     sampling: Sampling
 
-    def generate(self, prompts: list[list[int]]) -> Batch:
-        """Responses for `prompts` (token ids, each starting with BOS), packed with them into one
-        Batch (left-padded prompts, right-padded responses, tokens after EOS masked out) on the
-        training device."""
+    def generate(self, prompts: list[list[int]], *, iteration: int = 0,
+                 rows: torch.Tensor | None = None, prompt_len: int | None = None) -> Batch:
+        """Responses for `prompts` (token ids, as the tokenizer encodes them), packed with them into
+        one Batch (prompts left-padded to `prompt_len` or their longest, right-padded responses,
+        tokens after EOS masked out) on the training device. `rows` are the prompts' places in the
+        iteration's global batch (default 0, 1, ...): an engine draws a row's tokens from (its seed,
+        iteration, row) alone, so a batch split over devices samples what one device would."""
         ...

@@ -9,12 +9,14 @@ there is nothing to synchronise between iterations.
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 import torch
 
 from fastppo.data import Batch, pack_prompts
 from fastppo.models import backbone
 from fastppo.rollout import Sampling
+from fastppo.rollout.uniforms import keyed_uniforms
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -30,20 +32,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token per row of `probs` (B, V; non-negative, any positive total), drawn by inverting the
-    float64 CDF with one uniform per row: the categorical distribution up to float64 rounding (a token
-    below ~1e-16 of its row's mass is never drawn). torch.multinomial draws an exponential per
-    vocabulary entry instead: 16 x 32000 costs ~8 ms a step on a 2-core CPU, more than the model's
-    forward. The uniforms come from the CPU `generator` whatever the device, so a seed samples the
-    same tokens on CPU and GPU."""
+    float64 CDF with the row's uniform `u` (B,) in [0, 1): the categorical distribution up to float64
+    rounding (a token below ~1e-16 of its row's mass is never drawn). torch.multinomial draws an
+    exponential per vocabulary entry instead: 16 x 32000 costs ~8 ms a step on a 2-core CPU, more
+    than the model's forward. The uniforms are the caller's (fastppo.rollout.uniforms: keyed by row,
+    so that a row samples the same tokens on any device and in any split of the batch)."""
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
     bad = ~(torch.isfinite(total) & (total > 0))
     if bad.any():
         raise ValueError(f"sample: rows {bad.squeeze(-1).nonzero().squeeze(-1).tolist()[:8]} of probs "
                          "have no positive finite mass (all zero, NaN or inf)")
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator).to(probs.device)
+    u = u.to(device=probs.device, dtype=torch.float64).reshape(-1, 1)
     # u * total < total, so the first index whose CDF exceeds it has positive probability
     u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
@@ -51,9 +53,10 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top_k: int,
-             top_p: float, eos_id: int, pad_id: int, generator: torch.Generator) -> Batch:
-    """Sample up to max_new_tokens per prompt; returns the packed prompt + response batch (tokens
-    after a row's EOS are padding and masked out)."""
+             top_p: float, eos_id: int, pad_id: int, uniforms: Callable[[int], torch.Tensor]) -> Batch:
+    """Sample up to max_new_tokens per prompt, the token of step t drawn with uniforms(t) (one per
+    row); returns the packed prompt + response batch (tokens after a row's EOS are padding and
+    masked out)."""
     ids, attn = prompts.input_ids, prompts.attention_mask
     B = ids.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
@@ -63,12 +66,12 @@ def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top
     # warns on the old name): use what this version's backbone takes.
     cache_arg = "cache" if "cache" in inspect.signature(lm.base_model.forward).parameters \
         else "past_key_values"
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         out = backbone(lm, step_ids, full_attn, use_cache=True, **{cache_arg: cache})
         cache = getattr(out, cache_arg)
         logits = lm.get_output_embeddings()(out.last_hidden_state[:, -1]).float() / temperature
         probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-        token = sample(probs, generator)
+        token = sample(probs, uniforms(step))
         token = torch.where(done, pad_id, token)
         real = ~done  # the EOS itself counts; what follows it is padding
         new_tokens.append(token)
@@ -85,17 +88,19 @@ def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top
 
 
 class HFRollout:
-    """`generate(prompts) -> Batch` (see fastppo.rollout.Rollout) with the sampler above, drawing its
-    uniforms from `generator` (the run's generator: a seed fixes the samples)."""
+    """`generate(prompts, iteration=, rows=) -> Batch` (see fastppo.rollout.Rollout) with the sampler
+    above; row i's uniforms are keyed by (seed, iteration, rows[i], step)."""
 
-    def __init__(self, lm, sampling: Sampling, *, eos_id: int, pad_id: int, device,
-                 generator: torch.Generator):
-        self.lm, self.sampling, self.generator = lm, sampling, generator
+    def __init__(self, lm, sampling: Sampling, *, eos_id: int, pad_id: int, device, seed: int):
+        self.lm, self.sampling, self.seed = lm, sampling, seed
         self.eos_id, self.pad_id, self.device = eos_id, pad_id, device
 
-    def generate(self, prompts: list[list[int]]) -> Batch:
+    def generate(self, prompts: list[list[int]], *, iteration: int = 0,
+                 rows: torch.Tensor | None = None, prompt_len: int | None = None) -> Batch:
         s = self.sampling
-        return generate(self.lm, pack_prompts(prompts, self.pad_id).to(self.device),
+        rows = torch.arange(len(prompts)) if rows is None else rows
+        rows = rows.to(self.device)
+        return generate(self.lm, pack_prompts(prompts, self.pad_id, prompt_len).to(self.device),
                         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                         top_p=s.top_p, eos_id=self.eos_id, pad_id=self.pad_id,
-                        generator=self.generator)
+                        uniforms=lambda step: keyed_uniforms(self.seed, iteration, rows, step))

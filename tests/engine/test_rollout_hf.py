@@ -5,6 +5,11 @@ import torch
 
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout, filter_logits, sample
+from fastppo.rollout.uniforms import keyed_uniforms
+
+
+def uniforms(n, seed):
+    return torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
 def test_sampler_draws_from_the_distribution_the_trainer_scores():
@@ -19,7 +24,7 @@ def test_sampler_draws_from_the_distribution_the_trainer_scores():
     with torch.no_grad():  # spread the logits so that T = 0.5 and T = 1 differ clearly
         lm.get_output_embeddings().weight.mul_(40)
     rollout = HFRollout(lm, Sampling(max_new_tokens=1, temperature=T), eos_id=3, pad_id=0,
-                        device="cpu", generator=torch.Generator().manual_seed(0))
+                        device="cpu", seed=0)
     batch = rollout.generate([[2, 5, 7]] * n)
     counts = torch.bincount(batch.responses[:, 0], minlength=V).double()
 
@@ -47,7 +52,7 @@ def test_sample_draws_from_the_distribution():
     # zero-probability entries first, last and in the middle; 40000 draws of one distribution
     p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
     n = 40000
-    draws = sample(p.expand(n, -1), torch.Generator().manual_seed(0))
+    draws = sample(p.expand(n, -1), uniforms(n, 0))
     counts = torch.bincount(draws, minlength=len(p)).double()
     assert counts[p == 0].sum() == 0
     sigma = (n * p * (1 - p)).sqrt()
@@ -55,25 +60,57 @@ def test_sample_draws_from_the_distribution():
     # all the mass on the last / first entry; reproducible from the seed
     one_hot = torch.zeros(3, 5)
     one_hot[0, 4], one_hot[1, 0], one_hot[2, 2] = 1.0, 1.0, 1.0
-    assert sample(one_hot, torch.Generator().manual_seed(1)).tolist() == [4, 0, 2]
-    again = sample(p.expand(n, -1), torch.Generator().manual_seed(0))
+    assert sample(one_hot, uniforms(3, 1)).tolist() == [4, 0, 2]
+    again = sample(p.expand(n, -1), uniforms(n, 0))
     assert torch.equal(draws, again)
     # an unnormalised row (total 4) samples its normalised distribution
     q = torch.tensor([0.0, 2.0, 0.0, 1.0, 1.0])
-    counts = torch.bincount(sample(q.expand(n, -1), torch.Generator().manual_seed(2)),
+    counts = torch.bincount(sample(q.expand(n, -1), uniforms(n, 2)),
                             minlength=len(q)).double()
     p = q / q.sum()
     assert ((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt() + 1e-9).all(), counts.tolist()
     # no mass: refused, not an out-of-range token
     for row in (torch.zeros(5), torch.tensor([0.5, float("nan"), 0.5, 0.0, 0.0])):
         with pytest.raises(ValueError, match="no positive finite mass"):
-            sample(torch.stack([torch.full((5,), 0.2), row]), torch.Generator())
+            sample(torch.stack([torch.full((5,), 0.2), row]), uniforms(2, 0))
 
 
 def test_sample_never_picks_a_filtered_token():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(512, 1000, generator=g) * 3
     kept = torch.isfinite(filter_logits(logits, 50, 0.9))
-    draws = sample(torch.softmax(filter_logits(logits, 50, 0.9), -1), g)
+    draws = sample(torch.softmax(filter_logits(logits, 50, 0.9), -1), uniforms(512, 3))
     assert kept.gather(1, draws[:, None]).all()
 
+
+
+def test_keyed_uniforms_are_uniform_and_depend_on_every_key_alone():
+    rows = torch.arange(100_000)
+    u = keyed_uniforms(0, 0, rows, 0)
+    assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)  # 10000 +- 95 each
+    assert ((counts - 10_000).abs() < 500).all(), counts
+    assert torch.equal(keyed_uniforms(0, 0, rows[500:700], 0), u[500:700])  # a row's own number
+    for other in (keyed_uniforms(1, 0, rows, 0), keyed_uniforms(0, 1, rows, 0),
+                  keyed_uniforms(0, 0, rows, 1), keyed_uniforms(0, 0, rows + 1, 0)):
+        assert abs(float(torch.corrcoef(torch.stack([u, other]))[0, 1])) < 0.02
+        assert (other != u).float().mean() > 0.999
+
+
+def test_a_batch_split_in_two_samples_the_same_tokens():
+    # What two ranks generate for their halves of a batch (rows keyed by their global place, the
+    # prompts padded to the global width) is what one process generates for the whole batch.
+    from fastppo.models import tiny_llama
+
+    torch.manual_seed(0)
+    lm = tiny_llama(40, hidden=16, layers=1, heads=2).eval()
+    rollout = HFRollout(lm, Sampling(max_new_tokens=6), eos_id=3, pad_id=0, device="cpu", seed=7)
+    prompts = [[2] + list(range(5, 5 + n)) for n in (1, 4, 2, 6, 3, 1, 5, 2)]
+    whole = rollout.generate(prompts, iteration=3)
+    halves = [rollout.generate(prompts[i:i + 4], iteration=3, rows=torch.arange(i, i + 4),
+                               prompt_len=whole.prompt_len) for i in (0, 4)]
+    for i, half in enumerate(halves):
+        R = half.responses.shape[1]
+        assert torch.equal(half.input_ids, whole.input_ids[4 * i:4 * i + 4, :whole.prompt_len + R])
+        assert not whole.response_mask[4 * i:4 * i + 4, R:].any()
+    assert not torch.equal(whole.responses, rollout.generate(prompts, iteration=4).responses)

@@ -1,0 +1,112 @@
+"""torchrun: PPO on 2 gloo ranks equals PPO on 1 process (same config and seed), checkpoints resume
+at the other world size, and a config error stops every rank with one line naming its rank.
+
+Two ranks on the 2-core machine: tiny shapes, a collective timeout of 60 s, and every torchrun in
+its own process group, killed whole if it overruns."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastppo.checkpoint import load_state
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+SETTINGS = ["--batch_size", "8", "--mini_batch_size", "4", "--max_new_tokens", "6",
+            "--save_every", "1", "--allow_config_change", "true"]
+
+
+def fastppo(small_run, out, *args, world=1, iterations=2, timeout=240):
+    """`python -m fastppo ppo ...` on one process, or under torchrun on `world` gloo ranks."""
+    run_dir, _ = small_run
+    command = ["ppo", "--prompts", str(run_dir / "data" / "prompts.jsonl"),
+               "--policy", str(run_dir / "sft" / "checkpoint"),
+               "--reward_model", str(run_dir / "rm" / "checkpoint"), "--out", str(out),
+               "--iterations", str(iterations), *SETTINGS, *args]
+    launcher = [sys.executable, "-m", "fastppo"] if world == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+        "--standalone", "-m", "fastppo"]
+    env = dict(os.environ, FASTPPO_COLLECTIVE_TIMEOUT_S="60", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(launcher + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks: nothing left behind
+        proc.communicate()
+        raise
+    return proc.returncode, stdout, stderr
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a, b):
+    """Metrics within 1e-4 relative, the sampled lengths exactly; weights within 1e-4 absolute.
+    Two ranks sum the same terms in another order (each rank's share of a mini-batch, FSDP's
+    reduce-scatter) and run the forward at half the batch: float32 rounding, ~1e-6 relative."""
+    ra, rb = rows(a), rows(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        assert x["response_length"] == y["response_length"]
+        for key in ("score_mean", "score_std", "reward", "kl", "entropy", "policy_loss",
+                    "value_loss", "clipfrac", "approx_kl", "first_ratio_max_error"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (key, x[key], y[key])
+    for name in ("model.safetensors", "head.safetensors"):
+        wa, wb = load_file(str(a / "checkpoint" / name)), load_file(str(b / "checkpoint" / name))
+        assert set(wa) == set(wb)
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(small_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("world2") / "run"
+    code, stdout, stderr = fastppo(small_run, out, world=2)
+    assert code == 0, stderr[-3000:]
+    assert stdout.count("PPO checkpoint:") == 1  # rank 0 prints
+    return out
+
+
+def test_two_ranks_equal_one_process(small_run, two_ranks, tmp_path):
+    one = tmp_path / "world1"
+    code, _, stderr = fastppo(small_run, one)
+    assert code == 0, stderr[-3000:]
+    assert_same_run(one, two_ranks)
+    assert all(r["first_ratio_max_error"] <= 1e-5 for r in rows(two_ranks))
+    # the optimizer state is saved by parameter name: it loads at any world size
+    names = load_state(two_ranks / "checkpoint")["optimizer"]["param_groups"][0]["params"]
+    assert names[0].startswith("lm.") and "value_head.weight" in names
+
+
+def test_checkpoints_resume_at_the_other_world_size(small_run, two_ranks, tmp_path):
+    straight = tmp_path / "straight"
+    assert fastppo(small_run, straight, iterations=3)[0] == 0
+    # 2 ranks -> 1 process
+    down = tmp_path / "down"
+    subprocess.run(["cp", "-r", str(two_ranks), str(down)], check=True)
+    code, _, stderr = fastppo(small_run, down, "--resume", "true", iterations=3)
+    assert code == 0, stderr[-3000:]
+    # 1 process -> 2 ranks
+    up = tmp_path / "up"
+    assert fastppo(small_run, up, iterations=2)[0] == 0
+    code, _, stderr = fastppo(small_run, up, "--resume", "true", iterations=3, world=2)
+    assert code == 0, stderr[-3000:]
+    for resumed in (down, up):
+        assert_same_run(straight, resumed)
+
+
+def test_a_config_error_stops_every_rank_with_one_line(small_run, tmp_path):
+    code, _, stderr = fastppo(small_run, tmp_path / "run", "--batch_size", "7",
+                              "--mini_batch_size", "7", world=2, timeout=120)
+    assert code != 0
+    for rank in (0, 1):
+        assert (f"fastppo ppo (rank {rank}): error: batch_size (7) must be a multiple of the number "
+                "of processes (2)") in stderr
+    assert not (tmp_path / "run").exists()  # refused before any work

@@ -1,6 +1,7 @@
 """End-to-end benchmark: PPO iterations on the fixed standard workload.
 
     python bench/e2e.py [--iterations 3] [--device cpu]
+    torchrun --standalone --nproc_per_node 2 bench/e2e.py      # the same global batch on 2 ranks
 
 Workload: a Llama-style policy (hidden 256, 4 layers, 4 heads, intermediate 512, vocabulary 32000,
 random init) and a reward model of the same shape; 16 prompts of 16 tokens, responses of 32 tokens,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -78,9 +80,13 @@ def main(argv=None):
     keys = ["tokens_per_s", "time_generate", "time_reference", "time_score", "time_train",
             "peak_memory_mib", "iteration_memory_mib", "response_length"]
     result = {k: statistics.median(r[k] for r in measured) for k in keys}
-    print(f"fastppo, {device_name(args.device)}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun every rank trains; rank 0 reports
+    print(f"fastppo, world {world}, {device_name(args.device)}: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     append_csv("e2e.csv", [dict(date=today(), rev=git_revision(), device=device_name(args.device),
-                                torch=torch.__version__, provider="fastppo",
+                                torch=torch.__version__, provider="fastppo", world_size=world,
                                 iterations=len(measured), **{k: f"{v:.4f}" for k, v in result.items()},
                                 allocator=allocator_env())])
     return 0

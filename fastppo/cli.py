@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             from fastppo.pipeline import run_pipeline
 
             result = run_pipeline(cfg)
-            print(json.dumps({k: v if isinstance(v, (int, float)) else str(v)
-                              for k, v in result.items()}, indent=2))
+            say(json.dumps({k: v if isinstance(v, (int, float)) else str(v)
+                            for k, v in result.items()}, indent=2))
             return 0
         cfg.check()
         if name == "sft":

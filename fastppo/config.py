@@ -74,6 +74,7 @@ class SFTConfig:
             _in(self, name, 1)
         _in(self, "lr", 0, low_open=True)
         _check_prompt_limit(self)
+        check_divides(batch_size=self.batch_size)
         return self
 
 
@@ -119,6 +120,7 @@ class RMConfig:
         _in(self, "lr", 0, low_open=True)
         _in(self, "eval_fraction", 0, 1, low_open=True, high_open=True)
         _check_prompt_limit(self)
+        check_divides(batch_size=self.batch_size)
         return self
 
 

@@ -9,6 +9,7 @@ and rank r of N takes rows [r * n, (r + 1) * n) of each, n = size / N. Collectiv
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -35,6 +36,18 @@ def is_main() -> bool:
 def requested_world() -> int:
     """The world size torchrun asked for (1 without torchrun), known before the group starts."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def group(device: str):
+    """The process group for the block (torchrun; nothing otherwise), ended after it unless it was
+    running already: a trainer inside a pipeline keeps the pipeline's. Yields this rank's device."""
+    running = dist.is_initialized()
+    try:
+        yield setup(device)
+    finally:
+        if not running:
+            teardown()
 
 
 def setup(device: str) -> str:

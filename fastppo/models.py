@@ -248,21 +248,28 @@ class RewardModel(nn.Module):
     def forward(self, input_ids, attention_mask):
         hidden = backbone(self.model, input_ids, attention_mask).last_hidden_state
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
-        return self.model.score(hidden[torch.arange(len(last)), last]).squeeze(-1)
+        # not a view: FSDP2 hooks a module's outputs for backward
+        return self.model.score(hidden[torch.arange(len(last)), last]).squeeze(-1).clone()
 
 
 HEAD_FILE = "head.safetensors"
 
 
-def save_model(model: ActorCritic | RewardModel, tokenizer, directory) -> None:
-    """A Hugging Face directory that loads as it is: the policy with AutoModelForCausalLM (its value
-    head beside it in head.safetensors), the reward model with AutoModelForSequenceClassification."""
-    hf_model = model.lm if isinstance(model, ActorCritic) else model.model
-    hf_model.save_pretrained(directory, safe_serialization=True)
+def save_model(model: ActorCritic | RewardModel | LogitsAt, tokenizer, directory,
+               state: dict[str, torch.Tensor] | None = None) -> None:
+    """A Hugging Face directory that loads as it is: a policy with AutoModelForCausalLM (an
+    actor-critic's value head beside it in head.safetensors), the reward model with
+    AutoModelForSequenceClassification. `state`: the model's whole state dict, gathered from its
+    shards under torchrun (fastppo.distributed.full_state_dict); None: the model's own."""
+    hf_model, prefix = (model.model, "model.") if isinstance(model, RewardModel) else (model.lm, "lm.")
+    part = None if state is None else {k[len(prefix):]: v for k, v in state.items()
+                                       if k.startswith(prefix)}
+    hf_model.save_pretrained(directory, safe_serialization=True, state_dict=part)
     tokenizer.save_pretrained(directory)
     if isinstance(model, ActorCritic):
-        save_file({k: v.detach().contiguous() for k, v in model.value_head.state_dict().items()},
-                  f"{directory}/{HEAD_FILE}")
+        head = model.value_head.state_dict() if state is None else {
+            k.removeprefix("value_head."): v for k, v in state.items() if k.startswith("value_head.")}
+        save_file({k: v.detach().contiguous() for k, v in head.items()}, f"{directory}/{HEAD_FILE}")
 
 
 def load_value_head(model: ActorCritic, directory) -> None:
@@ -272,3 +279,15 @@ def load_value_head(model: ActorCritic, directory) -> None:
 def lm_logits(lm, input_ids, attention_mask, positions: slice = slice(None)):
     """The causal LM's logits at `positions`, with the position ids every fastppo forward uses."""
     return lm.get_output_embeddings()(hidden_at(lm, input_ids, attention_mask, positions))
+
+
+class LogitsAt(nn.Module):
+    """lm_logits as a module: the SFT policy and PPO's reference, which FSDP2 shards under torchrun
+    (it hooks a module's forward, so the call must go through one)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, positions: slice = slice(None)):
+        return lm_logits(self.lm, input_ids, attention_mask, positions)

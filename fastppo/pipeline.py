@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fastppo import distributed
 from fastppo.config import PPOConfig, RMConfig, SFTConfig
 from fastppo.data import read_jsonl
 from fastppo.models import check_model_dir
@@ -74,7 +75,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     check_model_dir(cfg.model, "model")
     for stage in (sft_cfg, rm_cfg, ppo_cfg):  # resumability, overwrite, locks, writability
         check_output(stage)
-    sft = train_sft(sft_cfg)
-    rm, accuracy = train_rm(rm_cfg)
-    ppo = train_ppo(ppo_cfg)
+    with distributed.group(cfg.device):  # under torchrun: one process group for the three stages
+        sft = train_sft(sft_cfg)
+        rm, accuracy = train_rm(rm_cfg)
+        ppo = train_ppo(ppo_cfg)
     return {"sft": sft, "rm": rm, "ppo": ppo, "rm_accuracy": accuracy}

@@ -25,8 +25,8 @@ from fastppo.config import PPOConfig
 from fastppo.data import Batch, encode_prompts, limit_prompts, read_jsonl, special_ids
 from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logprobs
 from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
-from fastppo.models import (ActorCritic, check_fits_context, check_model_dir,
-                            check_reward_model_dir, check_same_tokenizer, lm_logits, load_lm,
+from fastppo.models import (ActorCritic, LogitsAt, check_fits_context, check_model_dir,
+                            check_reward_model_dir, check_same_tokenizer, load_lm,
                             load_reward_model, load_value_head, save_model)
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
@@ -59,7 +59,7 @@ def generate_global(rollout, prompts, iteration, cfg) -> Batch:
 
 
 @torch.no_grad()
-def rollout_forward(model, ref_lm, reward_model, batch, order, cfg, temperature):
+def rollout_forward(model, reference, reward_model, batch, order, cfg, temperature):
     """Old log-probs and values (actor-critic), reference log-probs, scores: one no-grad pass each,
     in the mini-batches of the first PPO epoch (`order`; each rank takes its share of each), at the
     sampling temperature. Every rank ends with the whole batch's."""
@@ -76,7 +76,7 @@ def rollout_forward(model, ref_lm, reward_model, batch, order, cfg, temperature)
         old_logprobs[idx] = token_logprobs(logits, labels, temperature=temperature,
                                            validate=False)
         t0 = time.perf_counter()
-        ref = lm_logits(ref_lm, mb.input_ids, mb.attention_mask, mb.response_positions)
+        ref = reference(mb.input_ids, mb.attention_mask, mb.response_positions)
         ref_logprobs[idx] = token_logprobs(ref, labels, temperature=temperature,
                                            validate=False)
         t1 = time.perf_counter()
@@ -105,7 +105,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
         check_fits_context(path, longest, "the longest prompt + max_new_tokens")
     generator = run.setup(cfg.seed, cfg.device)
     model = ActorCritic(load_lm(cfg.policy, cfg.device)).to(cfg.device)
-    ref_lm = copy.deepcopy(model.lm).eval().requires_grad_(False)  # the frozen SFT weights
+    reference = LogitsAt(copy.deepcopy(model.lm)).eval().requires_grad_(False)  # the SFT weights
     reward_model = load_reward_model(cfg.reward_model, cfg.device)
     reward_model.eval().requires_grad_(False)
     # The rollout engine samples from the live policy; the trainer scores its samples at the
@@ -115,26 +115,21 @@ def train_ppo(cfg: PPOConfig) -> Path:
     if distributed.world() > 1:
         sampler_lm = copy.deepcopy(model.lm).eval().requires_grad_(False)
         distributed.shard(model, model.lm)
+        distributed.shard(reference, reference.lm)
+        distributed.shard(reward_model, reward_model.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)  # one pass per step
     rollout = HFRollout(sampler_lm, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                              cfg.top_p),
                         eos_id=eos, pad_id=pad, device=cfg.device, seed=cfg.seed)
     temperature = rollout.sampling.temperature
 
-    gathered = {}
-
     def refresh_sampler():  # under torchrun: the sharded policy's weights, gathered once
         whole = distributed.full_state_dict(model)
         sampler_lm.load_state_dict({k.removeprefix("lm."): v for k, v in whole.items()
                                     if k.startswith("lm.")})
-        return whole
 
-    def write_model(directory):  # on rank 0; under torchrun from the weights gathered for it
-        whole = model
-        if sampler_lm is not model.lm:
-            whole = ActorCritic(sampler_lm)
-            whole.value_head.load_state_dict(gathered["value_head"])
-        save_model(whole, tokenizer, directory)
+    def write_model(directory, state):
+        save_model(model, tokenizer, directory, state)
 
     def load_model(directory):
         state = {f"lm.{k}": v for k, v in load_lm(directory, cfg.device).state_dict().items()}
@@ -170,7 +165,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
         epoch_orders = [torch.randperm(cfg.batch_size, generator=generator)
                         for _ in range(cfg.ppo_epochs)]
         old_logprobs, old_values, ref_logprobs, scores, timings = rollout_forward(
-            model, ref_lm, reward_model, batch, epoch_orders[0], cfg, temperature)
+            model, reference, reward_model, batch, epoch_orders[0], cfg, temperature)
 
         # 3. Rewards and advantages.
         rewards = kl_rewards(old_logprobs, ref_logprobs, scores, mask, kl_coef=kl_coef,
@@ -236,8 +231,11 @@ def train_ppo(cfg: PPOConfig) -> Path:
             "time_generate": t_generate - t_start, "time_reference": timings["reference"],
             "time_score": timings["score"],
             "time_train": t_end - t_generate - timings["reference"] - timings["score"],
-            "peak_memory_mib": peak_memory_mib(cfg.device),
-            "iteration_memory_mib": peak_memory_mib(cfg.device) - memory_at_start,
+            # the largest rank's (under torchrun)
+            "peak_memory_mib": distributed.max_over_ranks(peak_memory_mib(cfg.device), cfg.device),
+            "iteration_memory_mib": distributed.max_over_ranks(
+                peak_memory_mib(cfg.device) - memory_at_start, cfg.device),
+            "world_size": distributed.world(),
         }
         log.write(row)
         progress.set_postfix(score=f"{row['score_mean']:+.3f}", kl=f"{kl:.3f}",
@@ -246,10 +244,6 @@ def train_ppo(cfg: PPOConfig) -> Path:
             error = max(-0.2, min(0.2, kl / cfg.kl_target - 1))
             kl_coef *= 1 + error / cfg.kl_horizon
         if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
-            if sampler_lm is not model.lm:
-                whole = refresh_sampler()
-                gathered["value_head"] = {k.removeprefix("value_head."): v
-                                          for k, v in whole.items() if k.startswith("value_head.")}
             run.save(out, write_model, optimizer, generator, model=model,
                      iteration=iteration + 1, kl_coef=kl_coef)
     progress.close()

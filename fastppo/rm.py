@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from fastppo import run
+from fastppo import distributed, run
 from fastppo.config import RMConfig
 from fastppo.data import (encode_prompts, encode_responses, limit_prompts, pack, read_jsonl,
                           special_ids)
@@ -53,6 +53,8 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     pad, eos = special_ids(tokenizer)
     # Hugging Face's pooling finds the last token by its id: only a pad token of its own is safe.
     rm = new_reward_model(cfg.model, pad if pad != eos else None, cfg.device).train()
+    if distributed.world() > 1:  # torchrun: FSDP2, each rank takes its share of every batch
+        distributed.shard(rm, rm.model)
     order = torch.randperm(len(rows), generator=generator).tolist()
     n_eval = max(1, int(len(rows) * cfg.eval_fraction))
     held, train = order[:n_eval], order[n_eval:]
@@ -60,15 +62,16 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
         raise ValueError(f"{cfg.data}: too few pairs to hold out {cfg.eval_fraction:.0%} and train")
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, fused=True)
 
-    def write_model(directory):
-        save_model(rm, tokenizer, directory)
+    def write_model(directory, state):
+        save_model(rm, tokenizer, directory, state)
 
     def load_model(directory):
-        rm.load_state_dict(load_reward_model(directory, cfg.device).state_dict())
+        distributed.load_full_state_dict(rm, load_reward_model(directory).state_dict())
 
     start_step = 0
     if cfg.resume:
-        start_step = run.resume(cfg.out, load_model, optimizer, generator, step=int)["step"]
+        start_step = run.resume(cfg.out, load_model, optimizer, generator, model=rm,
+                                step=int)["step"]
     log = MetricsLog(cfg.out, resume_step=start_step if cfg.resume else None)
 
     progress = tqdm(range(start_step, cfg.steps), desc="rm", initial=start_step, total=cfg.steps,
@@ -77,27 +80,33 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
         start = time.perf_counter()
         pick = [train[i] for i in torch.randint(len(train), (cfg.batch_size,),
                                                 generator=generator).tolist()]
+        pick = [pick[i] for i in distributed.my_rows(torch.arange(cfg.batch_size)).tolist()]
         p = [prompts[i] for i in pick]
         margin = (_scores(rm, tokenizer, p, [chosen[i] for i in pick], cfg.device)
                   - _scores(rm, tokenizer, p, [rejected[i] for i in pick], cfg.device))
-        loss = -F.logsigmoid(margin).mean()
-        run.stop_if_not_finite(loss, cfg.out, what="RM loss", at=f"step {step}")
+        # mean over the global batch: each rank's share of the sum (FSDP averages over the ranks)
+        loss = -F.logsigmoid(margin).sum() / cfg.batch_size * distributed.world()
+        loss_value = distributed.summed(loss.detach()) / distributed.world()
+        wins = distributed.summed((margin > 0).sum()).item()
+        run.stop_if_not_finite(loss_value, cfg.out, what="RM loss", at=f"step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.stop_if_not_finite(run.gradient_norm(optimizer), cfg.out, what="RM gradient norm",
                                at=f"step {step}")
         optimizer.step()
-        log.write({"step": step, "loss": loss.item(), "train_accuracy": (margin > 0).float().mean().item(),
-                   "pairs_per_s": len(pick) / (time.perf_counter() - start)})
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        log.write({"step": step, "loss": loss_value.item(), "train_accuracy": wins / cfg.batch_size,
+                   "pairs_per_s": cfg.batch_size / (time.perf_counter() - start)})
+        progress.set_postfix(loss=f"{loss_value.item():.3f}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            run.save(cfg.out, write_model, optimizer, generator, step=step + 1, eval_accuracy=None)
+            run.save(cfg.out, write_model, optimizer, generator, model=rm, step=step + 1,
+                     eval_accuracy=None)
     progress.close()
     rm.eval()
     accuracy = pairwise_accuracy(rm, tokenizer, [prompts[i] for i in held], [chosen[i] for i in held],
                                  [rejected[i] for i in held], cfg.device)
     log.write({"step": cfg.steps, "eval_accuracy": accuracy})
-    run.save(cfg.out, write_model, optimizer, generator, step=cfg.steps, eval_accuracy=accuracy)
+    run.save(cfg.out, write_model, optimizer, generator, model=rm, step=cfg.steps,
+             eval_accuracy=accuracy)
     plot(log.path, Path(cfg.out) / "rm.png", ["loss", "train_accuracy", "eval_accuracy"],
          "reward model")
     return Path(cfg.out) / "checkpoint", accuracy

@@ -86,23 +86,27 @@ def owns_output(train: Callable) -> Callable:
         cfg.check()
         check_output(cfg)  # on every rank, before the process group starts: one message each
         check_device(cfg.device)
-        cfg = dataclasses.replace(cfg, device=distributed.setup(cfg.device))  # torchrun: the group
-        out, lock = Path(cfg.out), None
-        try:
-            if distributed.is_main():  # under torchrun, rank 0 owns the folder
-                out.mkdir(parents=True, exist_ok=True)
-                lock = _acquire(out / LOCK)
-                if not cfg.resume:
-                    for stale in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
-                        shutil.rmtree(out / stale, ignore_errors=True)
-                (out / CONFIG).write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
-            distributed.barrier()
-            return train(cfg)
-        finally:
-            if lock is not None:
-                lock.unlink(missing_ok=True)
-            distributed.teardown()
+        with distributed.group(cfg.device) as device:  # torchrun: the process group
+            return _owning(train, dataclasses.replace(cfg, device=device))
     return wrapped
+
+
+def _owning(train: Callable, cfg):
+    out, lock = Path(cfg.out), None
+    distributed.barrier()  # every rank has checked the folder before rank 0 locks it
+    try:
+        if distributed.is_main():  # under torchrun, rank 0 owns the folder
+            out.mkdir(parents=True, exist_ok=True)
+            lock = _acquire(out / LOCK)
+            if not cfg.resume:
+                for stale in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+                    shutil.rmtree(out / stale, ignore_errors=True)
+            (out / CONFIG).write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+        distributed.barrier()
+        return train(cfg)
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
 
 
 def _lock_holder(path: Path) -> dict | None:
@@ -209,25 +213,28 @@ def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optim
     return values
 
 
-def save(out, write_model: Callable[[Path], None], optimizer: torch.optim.Optimizer,
+def save(out, write_model: Callable[[Path, dict | None], None], optimizer: torch.optim.Optimizer,
          generator: torch.Generator, *, model: torch.nn.Module | None = None, **counters) -> None:
-    """Write `out/checkpoint` atomically: the weights (write_model(directory)), then the trainer
+    """Write `out/checkpoint` atomically: the weights (write_model(directory, state)), then the trainer
     state: optimizer, RNG states and `counters` (numbers such as step, kl_coef). Weights that are not
     finite are never written, and a save that fails (disk full) leaves no partial copy: either way
     the run stops (Stopped) and the last good checkpoint stays.
 
-    Under torchrun every rank calls it (the optimizer state is gathered from the shards of `model`,
-    by parameter name, so that it loads at any world size) and rank 0 writes."""
+    Under torchrun every rank calls it: `model`'s whole state dict (`state`) and the optimizer state
+    (by parameter name, so that it loads at any world size) are gathered from the shards, and rank 0
+    writes. On one process `state` is None: write_model saves the model as it is."""
     at = ", ".join(f"{k} {v}" for k, v in counters.items() if isinstance(v, int))
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     if not distributed.all_finite(trained):
         raise Stopped(f"the weights are not finite at {at}; stopping without saving. "
                       f"{_last_good(out)}")
-    optimizer_state = (optimizer.state_dict() if distributed.world() == 1
-                       else distributed.optimizer_state(model, optimizer))
+    state, optimizer_state = None, optimizer.state_dict()
+    if distributed.world() > 1:
+        state = distributed.full_state_dict(model)
+        optimizer_state = distributed.optimizer_state(model, optimizer)
 
     def write(directory):
-        write_model(directory)
+        write_model(directory, state)
         if (Path(out) / CONFIG).is_file():  # the run's resolved config travels with its checkpoint
             shutil.copyfile(Path(out) / CONFIG, directory / CONFIG)
         save_state(directory, {"optimizer": optimizer_state, "rng": rng_state(generator),

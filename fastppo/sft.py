@@ -8,13 +8,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from fastppo import run
+from fastppo import distributed, run
 from fastppo.config import SFTConfig
 from fastppo.data import (encode_prompts, encode_responses, limit_prompts, pack, read_jsonl,
                           special_ids)
 from fastppo.kernels import token_logprobs
 from fastppo.metrics import MetricsLog, plot
-from fastppo.models import check_fits_context, check_model_dir, lm_logits, load_lm
+from fastppo.models import LogitsAt, check_fits_context, check_model_dir, load_lm, save_model
 
 
 @run.owns_output  # cfg.out: locked for this run, resume/overwrite checked, config.yaml saved
@@ -31,19 +31,21 @@ def train_sft(cfg: SFTConfig) -> Path:
     check_fits_context(cfg.model, max(len(p) + len(r) for p, r in zip(prompts, responses)),
                        f"the longest prompt + response of {cfg.data}")
     generator = run.setup(cfg.seed, cfg.device)
-    lm = load_lm(cfg.model, cfg.device).train()
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, fused=True)
+    policy = LogitsAt(load_lm(cfg.model, cfg.device).train())
+    if distributed.world() > 1:  # torchrun: FSDP2, each rank takes its share of every batch
+        distributed.shard(policy, policy.lm)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, fused=True)
 
-    def write_model(directory):
-        lm.save_pretrained(directory, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
+    def write_model(directory, state):
+        save_model(policy, tokenizer, directory, state)
 
     def load_model(directory):
-        lm.load_state_dict(load_lm(directory, cfg.device).state_dict())
+        distributed.load_full_state_dict(policy, LogitsAt(load_lm(directory)).state_dict())
 
     start_step = 0
     if cfg.resume:
-        start_step = run.resume(cfg.out, load_model, optimizer, generator, step=int)["step"]
+        start_step = run.resume(cfg.out, load_model, optimizer, generator, model=policy,
+                                step=int)["step"]
     log = MetricsLog(cfg.out, resume_step=start_step if cfg.resume else None)
 
     progress = tqdm(range(start_step, cfg.steps), desc="sft", initial=start_step, total=cfg.steps,
@@ -53,22 +55,24 @@ def train_sft(cfg: SFTConfig) -> Path:
         pick = torch.randint(len(rows), (cfg.batch_size,), generator=generator).tolist()
         batch = pack([prompts[i] for i in pick], [responses[i] for i in pick],
                      pad).to(cfg.device)
-        logits = lm_logits(lm, batch.input_ids, batch.attention_mask, batch.response_positions)
-        labels = batch.responses.masked_fill(~batch.response_mask, -100)
+        tokens = batch.response_mask.sum()  # the global batch's; each rank sums its share of them
+        mb = batch.select(distributed.my_rows(torch.arange(cfg.batch_size)))
+        logits = policy(mb.input_ids, mb.attention_mask, mb.response_positions)
+        labels = mb.responses.masked_fill(~mb.response_mask, -100)
         logprobs = token_logprobs(logits, labels, validate=False)
-        loss = -logprobs.sum() / batch.response_mask.sum()
-        run.stop_if_not_finite(loss, cfg.out, what="SFT loss", at=f"step {step}")
+        loss = -logprobs.sum() / tokens * distributed.world()  # FSDP averages over the ranks
+        loss_value = distributed.summed(loss.detach()) / distributed.world()
+        run.stop_if_not_finite(loss_value, cfg.out, what="SFT loss", at=f"step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.stop_if_not_finite(run.gradient_norm(optimizer), cfg.out, what="SFT gradient norm",
                                at=f"step {step}")
         optimizer.step()
-        tokens = int(batch.response_mask.sum())
-        log.write({"step": step, "loss": loss.item(),
-                   "tokens_per_s": tokens / (time.perf_counter() - start)})
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        log.write({"step": step, "loss": loss_value.item(),
+                   "tokens_per_s": int(tokens) / (time.perf_counter() - start)})
+        progress.set_postfix(loss=f"{loss_value.item():.3f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            run.save(cfg.out, write_model, optimizer, generator, step=step + 1)
+            run.save(cfg.out, write_model, optimizer, generator, model=policy, step=step + 1)
     progress.close()
     plot(log.path, Path(cfg.out) / "sft.png", ["loss"], "SFT")
     return Path(cfg.out) / "checkpoint"

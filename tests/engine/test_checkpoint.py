@@ -156,7 +156,7 @@ def test_tampered_state_is_refused_with_a_clear_error(small_run, tmp_path, tampe
 def test_resume_changes_nothing_when_the_state_is_refused(tmp_path, case):
     _, optimizer = trained_optimizer()
     generator = torch.Generator().manual_seed(0)
-    run.save(tmp_path, lambda d: None, optimizer, generator, iteration=1,
+    run.save(tmp_path, lambda directory, state: None, optimizer, generator, iteration=1,
              kl_coef="0.1" if case == "kl_coef" else 0.1)
     state_file = tmp_path / "checkpoint" / STATE_JSON
     if case == "json":

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -28,6 +29,11 @@ def fastppo(small_run, out, *args, world=1, iterations=2, timeout=240):
                "--policy", str(run_dir / "sft" / "checkpoint"),
                "--reward_model", str(run_dir / "rm" / "checkpoint"), "--out", str(out),
                "--iterations", str(iterations), *SETTINGS, *args]
+    return launch(command, world, timeout)
+
+
+def launch(command, world, timeout=240):
+    """`python -m fastppo COMMAND` on one process, or under torchrun on `world` gloo ranks."""
     launcher = [sys.executable, "-m", "fastppo"] if world == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
         "--standalone", "-m", "fastppo"]
@@ -71,6 +77,7 @@ def two_ranks(small_run, tmp_path_factory):
     code, stdout, stderr = fastppo(small_run, out, world=2)
     assert code == 0, stderr[-3000:]
     assert stdout.count("PPO checkpoint:") == 1  # rank 0 prints
+    assert "Traceback" not in stderr and "UserWarning" not in stderr
     return out
 
 
@@ -102,6 +109,34 @@ def test_checkpoints_resume_at_the_other_world_size(small_run, two_ranks, tmp_pa
         assert_same_run(straight, resumed)
 
 
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_sft_and_rm_on_two_ranks_equal_one_process(small_run, tmp_path, stage):
+    run_dir, _ = small_run
+    data, model = (("sft.jsonl", run_dir / "base") if stage == "sft"
+                   else ("rm.jsonl", run_dir / "sft" / "checkpoint"))
+    outs = {}
+    for world in (1, 2):
+        outs[world] = tmp_path / f"world{world}"
+        code, stdout, stderr = launch([stage, "--data", str(run_dir / "data" / data),
+                                       "--model", str(model), "--out", str(outs[world]),
+                                       "--steps", "4", "--batch_size", "8", "--save_every", "2"],
+                                      world)
+        assert code == 0, stderr[-3000:]
+        assert stdout.count("checkpoint:") == 1
+        assert "Traceback" not in stderr and "UserWarning" not in stderr
+    ra, rb = rows(outs[1]), rows(outs[2])
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        for key in ("loss", "train_accuracy", "eval_accuracy"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-4), (key, x, y)
+    wa = load_file(str(outs[1] / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(outs[2] / "checkpoint" / "model.safetensors"))
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-4)
+
+
 def test_a_config_error_stops_every_rank_with_one_line(small_run, tmp_path):
     code, _, stderr = fastppo(small_run, tmp_path / "run", "--batch_size", "7",
                               "--mini_batch_size", "7", world=2, timeout=120)
@@ -110,3 +145,60 @@ def test_a_config_error_stops_every_rank_with_one_line(small_run, tmp_path):
         assert (f"fastppo ppo (rank {rank}): error: batch_size (7) must be a multiple of the number "
                 "of processes (2)") in stderr
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_a_rank_that_dies_stops_the_others_and_the_run_resumes(small_run, tmp_path):
+    # Kill rank 1 once a checkpoint exists: torchrun stops rank 0 (and a rank blocked in a
+    # collective would give up after FASTPPO_COLLECTIVE_TIMEOUT_S), the checkpoint is intact, and
+    # `--resume true` continues it.
+    run_dir, _ = small_run
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--standalone", "-m", "fastppo", "ppo",
+               "--prompts", str(run_dir / "data" / "prompts.jsonl"),
+               "--policy", str(run_dir / "sft" / "checkpoint"),
+               "--reward_model", str(run_dir / "rm" / "checkpoint"), "--out", str(out),
+               "--iterations", "200", *SETTINGS]
+    env = dict(os.environ, FASTPPO_COLLECTIVE_TIMEOUT_S="20", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.2)
+        ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        pids = [int(p) for p in ranks.stdout.split()]
+        assert len(pids) == 2, pids
+        os.kill(max(pids), signal.SIGKILL)  # the second rank started
+        proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode != 0
+    for pid in pids:  # nothing left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    saved = load_state(out / "checkpoint")["iteration"]
+    assert 1 <= saved < 200
+    code, stdout, stderr = fastppo(small_run, out, "--resume", "true", iterations=saved + 1)
+    assert code == 0, stderr[-3000:]
+    assert load_state(out / "checkpoint")["iteration"] == saved + 1
+
+
+def test_the_pipeline_runs_under_torchrun(small_run, tmp_path):
+    # One process group for the three stages; rank 0 prints the JSON once.
+    run_dir, _ = small_run
+    data = run_dir / "data"
+    code, stdout, stderr = launch(
+        ["pipeline", "--model", str(run_dir / "base"), "--sft_data", str(data / "sft.jsonl"),
+         "--rm_data", str(data / "rm.jsonl"), "--prompts", str(data / "prompts.jsonl"),
+         "--out", str(tmp_path), "--sft_steps", "2", "--rm_steps", "2", "--ppo_iterations", "1",
+         "--sft", '{"batch_size": 4}', "--rm", '{"batch_size": 4}',
+         "--ppo", '{"batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 4}'], world=2)
+    assert code == 0, stderr[-3000:]
+    result = json.loads(stdout[stdout.index("{"):])
+    assert result["ppo"] == str(tmp_path / "ppo" / "checkpoint") and stdout.count("{") == 1
+    for stage in ("sft", "rm", "ppo"):
+        assert (tmp_path / stage / "checkpoint" / "trainer_state.json").is_file()

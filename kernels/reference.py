@@ -105,17 +105,28 @@ def reward_to_go(rewards, mask, *, gamma: float = 1.0):
     return returns
 
 
-def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):
+def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8, process_group=None):
     """(x - mean) / sqrt(var + eps) over the valid entries (Bessel-corrected variance); the mean is
-    added back when shift_mean=False. Invalid entries give 0."""
+    added back when shift_mean=False. Invalid entries give 0. With a `process_group`, the valid
+    entries are those of every rank's x (each sum below is summed over the ranks, differentiably)."""
     x = torch.where(mask, x.to(compute_dtype(x)), 0.0)  # padding may hold anything
-    n = mask.sum()
-    mean = torch.where(mask, x, 0.0).sum() / n
-    var = torch.where(mask, (x - mean) ** 2, 0.0).sum() / (n - 1)
+    n = sum_over_ranks(mask.sum().to(x.dtype), process_group)
+    mean = sum_over_ranks(torch.where(mask, x, 0.0).sum(), process_group) / n
+    var = sum_over_ranks(torch.where(mask, (x - mean) ** 2, 0.0).sum(), process_group) / (n - 1)
     white = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean
     return torch.where(mask, white, 0.0)
+
+
+def sum_over_ranks(total: torch.Tensor, process_group=None) -> torch.Tensor:
+    """`total` summed over the ranks of `process_group` (its gradient is summed back the same way);
+    `total` itself without one."""
+    if process_group is None:
+        return total
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(total, group=process_group)
 
 
 # ------------------------------------------------------------------------------------ the PPO loss

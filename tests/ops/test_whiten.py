@@ -157,3 +157,46 @@ def test_masked_whiten_views_of_every_argument(backend, kind, shift_mean):
     (out64 * g_out).sum().backward()
     assert_values(out, out64)
     assert_grads(leaves["x"].grad, leaves64["x"].grad, torch.float32, backend)
+
+
+# ------------------------------------------------------------------ split over ranks (torchrun)
+
+
+def test_masked_whiten_over_two_ranks_equals_one_tensor(tmp_path):
+    """Two gloo ranks each whiten their own rows (1 and 2 of 3) with process_group=WORLD: outputs
+    and gradients equal the float64 reference on the whole tensor (torch and triton backends,
+    float32 and bf16, with and without the mean), and too few valid entries over all ranks is the
+    same error on every rank."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from whiten_ranks import PARTS, global_inputs
+
+    worker = os.path.join(os.path.dirname(__file__), "whiten_ranks.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", worker, str(tmp_path)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(len(PARTS))]
+    assert all(r["error"].item() == 1.0 for r in ranks)
+    for key in [k.removesuffix("/out") for k in ranks[0] if k.endswith("/out")]:
+        dtype = getattr(torch, key.split("-")[1])
+        x, mask, g = global_inputs(dtype)
+        a64 = x.double().requires_grad_()
+        want = reference.masked_whiten(a64, mask, shift_mean=key.endswith("True"))
+        (want * g).sum().backward()
+        out = torch.cat([r[f"{key}/out"] for r in ranks])
+        grad = torch.cat([r[f"{key}/grad"] for r in ranks])
+        assert_values(out, want)
+        assert_grads(grad.to(dtype), a64.grad, dtype, key.split("-")[0])

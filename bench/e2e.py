@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -69,20 +70,25 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        policy, rm, prompts = workload(root, args.seed)
+        policy, rm, prompts = workload(root, args.seed)  # under torchrun: one identical copy per rank
+        out = root / "run"
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # the ranks' one output folder
+            out = Path(tempfile.gettempdir()) / f"fastppo-e2e-{os.environ['TORCHELASTIC_RUN_ID']}"
         cfg = PPOConfig(prompts=str(prompts), policy=str(policy), reward_model=str(rm),
-                        out=str(root / "run"), iterations=args.iterations, batch_size=PROMPTS,
+                        out=str(out), iterations=args.iterations, batch_size=PROMPTS,
                         mini_batch_size=PROMPTS // 2, ppo_epochs=4, max_new_tokens=RESPONSE,
                         save_every=10**6, seed=args.seed, device=args.device)
         train_ppo(cfg)
-        rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+        if os.environ.get("RANK", "0") != "0":
+            return 0  # under torchrun every rank trains; rank 0 reports
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if out.parent != root:
+            shutil.rmtree(out)
     measured = rows[1:] or rows
     keys = ["tokens_per_s", "time_generate", "time_reference", "time_score", "time_train",
             "peak_memory_mib", "iteration_memory_mib", "response_length"]
     result = {k: statistics.median(r[k] for r in measured) for k in keys}
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if os.environ.get("RANK", "0") != "0":
-        return 0  # under torchrun every rank trains; rank 0 reports
     print(f"fastppo, world {world}, {device_name(args.device)}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     append_csv("e2e.csv", [dict(date=today(), rev=git_revision(), device=device_name(args.device),

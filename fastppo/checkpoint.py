@@ -6,10 +6,16 @@ a complete checkpoint at `<dir>` or, between the two renames, at `<dir>.old` (wh
 A save therefore needs free space for a second checkpoint beside the first; when writing fails (disk
 full), the aside copy is removed and the previous checkpoint stays.
 
-The trainer state (optimizer, counters, RNG states) sits beside the weights as two files:
-    trainer_state.json           everything that is not a tensor: numbers, strings, lists, tagged
-                                 tuples and int-keyed dicts, and for each tensor {"__tensor__": key}
-    trainer_state.safetensors    the tensors, by key
+A checkpoint's top level is a Hugging Face model directory that `from_pretrained` and vLLM load as it
+is: the model's own files and nothing else a loader could take for a weight shard. What only fastppo
+reads lies in `trainer/`:
+    trainer/trainer_state.json         everything that is not a tensor: numbers, strings, lists,
+                                       tagged tuples and int-keyed dicts, {"__tensor__": key} per tensor
+    trainer/trainer_state.safetensors  the tensors, by key (optimizer, RNG states)
+    trainer/value_head.safetensors     PPO's value head
+    trainer/shards/                    under torchrun: the model and optimizer as each rank holds them,
+                                       written by torch.distributed.checkpoint (see fastppo.distributed)
+Checkpoints written before this layout keep the first three files at the top level; they still load.
 Neither can carry code: json and safetensors only parse. A pickle can: whoever can write into an
 output folder could run code in the next `--resume`. So checkpoints of the older format
 (`trainer_state.pt`, a pickle) are refused on resume; `python -m fastppo.checkpoint convert DIR`
@@ -33,13 +39,32 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 LEGACY_STATE = "trainer_state.pt"
 FORMAT = "fastppo-trainer-state/1"
+TRAINER = "trainer"
+SHARDS = "shards"
 
 
-def save_atomic(directory, write: Callable[[Path], None]) -> None:
+def state_dir(checkpoint) -> Path:
+    """Where `checkpoint` keeps its trainer state: `trainer/`, or its top level in the older layout."""
+    checkpoint = Path(checkpoint)
+    older = (checkpoint / STATE_JSON).exists() or (checkpoint / LEGACY_STATE).exists()
+    return checkpoint if older and not (checkpoint / TRAINER / STATE_JSON).exists() \
+        else checkpoint / TRAINER
+
+
+def aside(directory) -> Path:
+    """Where save_atomic writes the next copy of `directory` before swapping it in."""
     directory = Path(directory)
-    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    return directory.with_name(directory.name + ".tmp")
+
+
+def save_atomic(directory, write: Callable[[Path], None], *, fresh: bool = True) -> None:
+    """write(aside copy), then swap it in. fresh=False: the aside copy exists already, holding what
+    other processes wrote into it (torchrun's shards); it is completed, not emptied."""
+    directory = Path(directory)
+    tmp, old = aside(directory), directory.with_name(directory.name + ".old")
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     try:
         write(tmp)
     except BaseException:  # disk full, killed, ...: the aside copy goes, the last checkpoint stays
@@ -57,7 +82,7 @@ def latest(directory) -> Path | None:
     (a checkpoint of the older pickle format counts, so that resume can say what to do with it)."""
     directory = Path(directory)
     for candidate in (directory, directory.with_name(directory.name + ".old")):
-        if (candidate / STATE_JSON).exists() or (candidate / LEGACY_STATE).exists():
+        if (state_dir(candidate) / STATE_JSON).exists() or (candidate / LEGACY_STATE).exists():
             return candidate
     return None
 
@@ -113,6 +138,7 @@ def _decode(obj, tensors: dict, where: str):
 def save_state(directory, state: dict) -> None:
     """Write `state` (nested dicts, lists, tuples, numbers, strings, tensors) into `directory`."""
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     body = {"format": FORMAT, "state": _encode(state, tensors, "")}
     save_file(tensors, str(directory / STATE_TENSORS))
@@ -123,9 +149,10 @@ def save_state(directory, state: dict) -> None:
 
 
 def load_state(directory) -> dict:
-    """The state `save_state` wrote. Nothing read here can run code; a malformed or tampered file is
-    a ValueError naming it. A checkpoint of the older pickle format is refused with what to do."""
-    directory = Path(directory)
+    """The state `save_state` wrote into `directory`, or into a checkpoint `directory`'s state_dir.
+    Nothing read here can run code; a malformed or tampered file is a ValueError naming it. A
+    checkpoint of the older pickle format is refused with what to do."""
+    directory = state_dir(directory)
     json_path, tensor_path = directory / STATE_JSON, directory / STATE_TENSORS
     if not json_path.exists() and (directory / LEGACY_STATE).exists():
         raise ValueError(

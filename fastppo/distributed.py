@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import math
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -104,6 +105,13 @@ def summed(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def share_of_mean(local_sum: torch.Tensor, global_count) -> torch.Tensor:
+    """This rank's term of a mean over the global batch: its entries' sum over the global count,
+    times the world size, because FSDP averages the ranks' gradients (their sum / N). The averaged
+    gradient is then the single-process gradient of the mean, whatever the world size."""
+    return local_sum / global_count * world()
+
+
 def max_over_ranks(value: float, device) -> float:
     if world() == 1:
         return value
@@ -141,14 +149,108 @@ def shard(model: torch.nn.Module, lm) -> None:
     fully_shard(model)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Every FSDP2 parameter of `model` whole on every rank for the block, sharded again after: for
+    generation, one all-gather per layer for the whole rollout instead of one per layer per token.
+    It costs the whole model's weights per rank while it lasts (no gradients, no optimizer state).
+    FSDP2 learns which module is its root from the first forward, so `model` must have run one
+    (see fastppo.ppo). Nothing on one process."""
+    if world() == 1:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    layers = [m for m in units if m is not model]  # the root is not resharded after forward anyway
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        for unit in units:
+            unit.unshard()
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+
+
+def full_state_dict(model: torch.nn.Module, *, main_only: bool = False) -> dict[str, torch.Tensor]:
     """`model`'s whole state dict, gathered from the shards on every rank (a collective; on one
-    process, the state dict itself)."""
+    process, the state dict itself). main_only: gathered onto rank 0 only, in CPU memory (the
+    others get an empty dict): what rank 0 needs to write the consolidated model."""
     if world() == 1:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=main_only))
+
+
+# ------------------------------------------------------------------------------ sharded checkpoints
+# Under torchrun each rank writes the model and optimizer as it holds them (its shards) with
+# torch.distributed.checkpoint, in its safetensors format (HuggingFaceStorageWriter): every file
+# records the offsets of its pieces in its header, so the checkpoint loads at any world size, 1
+# included, without a pickle (DCP's default format keeps its metadata in one). Non-tensor state
+# (the optimizer's hyperparameters) goes in the trainer state's JSON.
+
+
+def _flat(model_state: dict, optimizer_state: dict) -> dict[str, torch.Tensor]:
+    """One flat dict of tensors: model/<name> and optimizer/<parameter name>/<state key>."""
+    flat = {f"model/{name}": t for name, t in model_state.items()}
+    for name, entry in optimizer_state["state"].items():
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {name}/{key} is a {type(value).__name__}, not a "
+                                "tensor: sharded checkpoints hold tensors only")
+            flat[f"optimizer/{name}/{key}"] = value
+    return flat
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """(this rank's model and optimizer tensors as save_shards takes them, the optimizer's
+    param_groups with parameters by name). No communication."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return _flat(model_state, optimizer_state), optimizer_state["param_groups"]
+
+
+def save_shards(tensors: dict[str, torch.Tensor], directory) -> None:
+    """Every rank writes its pieces of `tensors` into `directory` (one file per rank; a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
+
+
+def load_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory,
+                param_groups: list) -> None:
+    """Load what save_shards wrote, at any world size (every rank reads the pieces it now holds), into
+    `model` and `optimizer`; `param_groups` as sharded_state returned them. A checkpoint of another
+    model is a ValueError naming what is missing."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # initialises the moments
+    flat = _flat(model_state, optimizer_state)
+    try:
+        with warnings.catch_warnings():  # one process: "assuming the intent is ... single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(directory)),
+                     no_dist=world() == 1)
+    except (CheckpointException, RuntimeError, KeyError, AssertionError) as e:
+        raise ValueError(f"{directory}: the sharded checkpoint does not fit this model "
+                         f"({str(e).strip().splitlines()[-1][:300]})") from None
+    model_state = {name: flat[f"model/{name}"] for name in model_state}
+    optimizer_state = {
+        "state": {name: {key: flat[f"optimizer/{name}/{key}"] for key in entry}
+                  for name, entry in optimizer_state["state"].items()},
+        "param_groups": param_groups}
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
 def agree(ok: bool) -> bool:

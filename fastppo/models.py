@@ -252,13 +252,15 @@ class RewardModel(nn.Module):
         return self.model.score(hidden[torch.arange(len(last)), last]).squeeze(-1).clone()
 
 
-HEAD_FILE = "head.safetensors"
+HEAD_FILE = "head.safetensors"  # the older layout's value head / RM score head, beside the model
+VALUE_HEAD = "trainer/value_head.safetensors"  # out of a model loader's way (fastppo.checkpoint)
 
 
 def save_model(model: ActorCritic | RewardModel | LogitsAt, tokenizer, directory,
                state: dict[str, torch.Tensor] | None = None) -> None:
     """A Hugging Face directory that loads as it is: a policy with AutoModelForCausalLM (an
-    actor-critic's value head beside it in head.safetensors), the reward model with
+    actor-critic's value head in trainer/value_head.safetensors, where neither from_pretrained nor
+    vLLM looks for weights), the reward model with
     AutoModelForSequenceClassification. `state`: the model's whole state dict, gathered from its
     shards under torchrun (fastppo.distributed.full_state_dict); None: the model's own."""
     hf_model, prefix = (model.model, "model.") if isinstance(model, RewardModel) else (model.lm, "lm.")
@@ -269,11 +271,16 @@ def save_model(model: ActorCritic | RewardModel | LogitsAt, tokenizer, directory
     if isinstance(model, ActorCritic):
         head = model.value_head.state_dict() if state is None else {
             k.removeprefix("value_head."): v for k, v in state.items() if k.startswith("value_head.")}
-        save_file({k: v.detach().contiguous() for k, v in head.items()}, f"{directory}/{HEAD_FILE}")
+        (Path(directory) / VALUE_HEAD).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in head.items()}, Path(directory) / VALUE_HEAD)
 
 
-def load_value_head(model: ActorCritic, directory) -> None:
-    model.value_head.load_state_dict(load_file(f"{directory}/{HEAD_FILE}"))
+def value_head_state(directory) -> dict[str, torch.Tensor]:
+    """The value head's state dict saved in the PPO checkpoint `directory`."""
+    path = Path(directory) / VALUE_HEAD
+    if not path.is_file():  # a checkpoint of the older layout
+        path = Path(directory) / HEAD_FILE
+    return load_file(path)
 
 
 def lm_logits(lm, input_ids, attention_mask, positions: slice = slice(None)):

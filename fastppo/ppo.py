@@ -27,7 +27,7 @@ from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logp
 from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
 from fastppo.models import (ActorCritic, LogitsAt, check_fits_context, check_model_dir,
                             check_reward_model_dir, check_same_tokenizer, load_lm,
-                            load_reward_model, load_value_head, save_model)
+                            load_reward_model, save_model, value_head_state)
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
 
@@ -109,33 +109,31 @@ def train_ppo(cfg: PPOConfig) -> Path:
     reward_model = load_reward_model(cfg.reward_model, cfg.device)
     reward_model.eval().requires_grad_(False)
     # The rollout engine samples from the live policy; the trainer scores its samples at the
-    # engine's own temperature, so the two cannot disagree. Under torchrun the policy is sharded
-    # (FSDP2) and the engine samples from a whole copy, refreshed from the shards every iteration.
-    sampler_lm = model.lm
+    # engine's own temperature, so the two cannot disagree. Under torchrun every model is sharded
+    # (FSDP2) and the policy is gathered whole for each rollout (distributed.gathered).
     if distributed.world() > 1:
-        sampler_lm = copy.deepcopy(model.lm).eval().requires_grad_(False)
         distributed.shard(model, model.lm)
         distributed.shard(reference, reference.lm)
         distributed.shard(reward_model, reward_model.model)
+    # Built on the sharded parameters, before any forward: after one, FSDP2's root holds whole ones.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)  # one pass per step
-    rollout = HFRollout(sampler_lm, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                             cfg.top_p),
+    if distributed.world() > 1:
+        with torch.no_grad():  # FSDP2 takes the module of the first forward for its root
+            model(torch.tensor([[eos]], device=cfg.device),
+                  torch.ones(1, 1, dtype=torch.bool, device=cfg.device))
+        model.reshard()
+    rollout = HFRollout(model.lm, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                           cfg.top_p),
                         eos_id=eos, pad_id=pad, device=cfg.device, seed=cfg.seed)
     temperature = rollout.sampling.temperature
-
-    def refresh_sampler():  # under torchrun: the sharded policy's weights, gathered once
-        whole = distributed.full_state_dict(model)
-        sampler_lm.load_state_dict({k.removeprefix("lm."): v for k, v in whole.items()
-                                    if k.startswith("lm.")})
 
     def write_model(directory, state):
         save_model(model, tokenizer, directory, state)
 
     def load_model(directory):
         state = {f"lm.{k}": v for k, v in load_lm(directory, cfg.device).state_dict().items()}
-        head = ActorCritic(sampler_lm)
-        load_value_head(head, directory)
-        state.update({f"value_head.{k}": v for k, v in head.value_head.state_dict().items()})
+        state.update({f"value_head.{k}": v.to(cfg.device)
+                      for k, v in value_head_state(directory).items()})
         distributed.load_full_state_dict(model, state)
 
     kl_coef, start_iteration = cfg.kl_coef, 0
@@ -155,9 +153,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
         # with training's (gradients flow all the same).
         model.eval()
         pick = torch.randint(len(prompts), (cfg.batch_size,), generator=generator).tolist()
-        if sampler_lm is not model.lm:
-            refresh_sampler()
-        batch = generate_global(rollout, [prompts[i] for i in pick], iteration, cfg)
+        with distributed.gathered(model):
+            batch = generate_global(rollout, [prompts[i] for i in pick], iteration, cfg)
         t_generate = time.perf_counter()
         mask = batch.response_mask
 
@@ -174,9 +171,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
-        # 4. PPO epochs over mini-batches. Each rank takes its share of every mini-batch; the loss
-        # is its tokens' sum over the global mini-batch's token count (times the world size, which
-        # FSDP's gradient average divides out), so the summed gradient is the one-process one.
+        # 4. PPO epochs over mini-batches. Each rank takes its share of every mini-batch; its loss
+        # is its tokens' share of the global mini-batch's token mean (share_of_mean), so the
+        # gradient FSDP averages is the one-process one.
         stats, first_ratio_error = [], None
         for order in epoch_orders:
             for i in range(0, cfg.batch_size, cfg.mini_batch_size):
@@ -190,7 +187,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
                     old_values=old_values[idx], returns=returns[idx], clip_eps=cfg.clip_eps,
                     value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, entropy_coef=cfg.entropy_coef,
                     temperature=temperature, reduction="sum")
-                loss = out_loss.loss * (distributed.world() / tokens)
+                loss = distributed.share_of_mean(out_loss.loss, tokens)
                 if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
                     with torch.no_grad():
                         lp = token_logprobs(logits, mb.responses.masked_fill(

@@ -85,7 +85,7 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
         margin = (_scores(rm, tokenizer, p, [chosen[i] for i in pick], cfg.device)
                   - _scores(rm, tokenizer, p, [rejected[i] for i in pick], cfg.device))
         # mean over the global batch: each rank's share of the sum (FSDP averages over the ranks)
-        loss = -F.logsigmoid(margin).sum() / cfg.batch_size * distributed.world()
+        loss = distributed.share_of_mean(-F.logsigmoid(margin).sum(), cfg.batch_size)
         loss_value = distributed.summed(loss.detach()) / distributed.world()
         wins = distributed.summed((margin > 0).sum()).item()
         run.stop_if_not_finite(loss_value, cfg.out, what="RM loss", at=f"step {step}")

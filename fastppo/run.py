@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from fastppo import distributed
-from fastppo.checkpoint import latest, load_state, rng_state, save_atomic, save_state, set_rng_state
+from fastppo.checkpoint import (SHARDS, TRAINER, aside, latest, load_state, rng_state, save_atomic,
+                                save_state, set_rng_state, state_dir)
 
 LOCK = ".fastppo.lock"
 CONFIG = "config.yaml"
@@ -186,7 +187,8 @@ def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optim
     found = latest(Path(out) / "checkpoint")
     if found is None:
         raise ValueError(f"resume: no checkpoint in {Path(out) / 'checkpoint'}")
-    state = load_state(found)
+    state = load_state(state_dir(found))
+    shards = state_dir(found) / SHARDS  # written under torchrun: model and optimizer, by rank
     for key in ("optimizer", "rng"):
         if not isinstance(state.get(key), dict):
             raise ValueError(f"resume: the trainer state in {found} has no {key!r} entry")
@@ -203,12 +205,19 @@ def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optim
         torch.Generator().set_state(state["rng"]["torch"])
         torch.Generator().set_state(state["rng"]["generator"])
         random.Random().setstate(state["rng"]["python"])
-        # checks every group before changing any; by name (a torchrun checkpoint) into `model`
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
+        if not shards.is_dir():  # checks every group before changing any; by name into `model`
+            distributed.load_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            groups = state["optimizer"]["param_groups"]
+            if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+                raise ValueError("the optimizer's parameter groups differ")
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"resume: the trainer state in {found} does not fit this run "
                          f"({type(e).__name__}: {e})") from None
-    load_model(found)
+    if shards.is_dir():  # each rank reads the pieces of model and optimizer it holds now
+        distributed.load_shards(model, optimizer, shards, state["optimizer"]["param_groups"])
+    else:
+        load_model(found)
     set_rng_state(state["rng"], generator)
     return values
 
@@ -220,38 +229,69 @@ def save(out, write_model: Callable[[Path, dict | None], None], optimizer: torch
     finite are never written, and a save that fails (disk full) leaves no partial copy: either way
     the run stops (Stopped) and the last good checkpoint stays.
 
-    Under torchrun every rank calls it: `model`'s whole state dict (`state`) and the optimizer state
-    (by parameter name, so that it loads at any world size) are gathered from the shards, and rank 0
-    writes. On one process `state` is None: write_model saves the model as it is."""
+    Under torchrun every rank calls it: each writes its shards of `model` and the optimizer into the
+    aside copy (trainer/shards, which loads at any world size), rank 0 gathers `model`'s whole state
+    dict (`state`) to write the consolidated model, completes the copy and swaps it in. On one
+    process `state` is None (write_model saves the model as it is) and the trainer state holds the
+    optimizer."""
     at = ", ".join(f"{k} {v}" for k, v in counters.items() if isinstance(v, int))
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     if not distributed.all_finite(trained):
         raise Stopped(f"the weights are not finite at {at}; stopping without saving. "
                       f"{_last_good(out)}")
+    target = Path(out) / "checkpoint"
+    sharded = distributed.world() > 1
     state, optimizer_state = None, optimizer.state_dict()
-    if distributed.world() > 1:
-        state = distributed.full_state_dict(model)
-        optimizer_state = distributed.optimizer_state(model, optimizer)
+    if sharded:
+        tensors, groups = distributed.sharded_state(model, optimizer)
+        optimizer_state = {"param_groups": groups}  # the moments are in the shards
+        state = distributed.full_state_dict(model, main_only=True)
 
     def write(directory):
         write_model(directory, state)
         if (Path(out) / CONFIG).is_file():  # the run's resolved config travels with its checkpoint
             shutil.copyfile(Path(out) / CONFIG, directory / CONFIG)
-        save_state(directory, {"optimizer": optimizer_state, "rng": rng_state(generator),
-                               **counters})
-    failure = None
-    if distributed.is_main():
-        try:
-            save_atomic(Path(out) / "checkpoint", write)
-        except OSError as e:  # disk full, quota, folder gone: the aside copy is already removed
-            failure = e
+        save_state(directory / TRAINER, {"optimizer": optimizer_state, "rng": rng_state(generator),
+                                         **counters})
+    if not sharded:
+        failure = _main_does(lambda: save_atomic(target, write))
+    else:  # rank 0 empties the aside copy, every rank writes its shards into it, rank 0 completes it
+        failure = _main_does(lambda: _fresh(aside(target) / TRAINER))
+        if distributed.agree(failure is None):
+            failure = _attempt(lambda: distributed.save_shards(tensors, aside(target) / TRAINER / SHARDS))
+            if distributed.agree(failure is None):
+                failure = _main_does(lambda: save_atomic(target, write, fresh=False))
     if distributed.agree(failure is None):
         return
-    last = latest(Path(out) / "checkpoint")
+    if distributed.is_main():
+        shutil.rmtree(aside(target), ignore_errors=True)
+    last = latest(target)
     need = f" (about {_size(last) / 2**20:.0f} MiB: the last one's size)" if last is not None else ""
-    why = f"{failure.strerror or failure}" if failure is not None else "on rank 0"
+    why = f"{getattr(failure, 'strerror', None) or failure}" if failure is not None else "on another rank"
     raise Stopped(f"could not write the checkpoint at {at} ({why}); stopping. {_last_good(out)}. A "
                   f"save needs room for a second checkpoint beside the first{need}") from failure
+
+
+def _attempt(action: Callable[[], None]) -> Exception | None:
+    """What writing raised (disk full, quota, folder gone; under torchrun, DCP's CheckpointException
+    carrying any rank's failure), or None."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        action()
+    except (OSError, CheckpointException) as e:
+        return e
+    return None
+
+
+def _main_does(action: Callable[[], None]) -> Exception | None:
+    """_attempt on rank 0; None elsewhere."""
+    return _attempt(action) if distributed.is_main() else None
+
+
+def _fresh(directory: Path) -> None:
+    shutil.rmtree(directory.parent, ignore_errors=True)
+    directory.mkdir(parents=True)
 
 
 def _size(directory: Path) -> int:

@@ -60,7 +60,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         logits = policy(mb.input_ids, mb.attention_mask, mb.response_positions)
         labels = mb.responses.masked_fill(~mb.response_mask, -100)
         logprobs = token_logprobs(logits, labels, validate=False)
-        loss = -logprobs.sum() / tokens * distributed.world()  # FSDP averages over the ranks
+        loss = distributed.share_of_mean(-logprobs.sum(), tokens)
         loss_value = distributed.summed(loss.detach()) / distributed.world()
         run.stop_if_not_finite(loss_value, cfg.out, what="SFT loss", at=f"step {step}")
         optimizer.zero_grad(set_to_none=True)

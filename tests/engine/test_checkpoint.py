@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fastppo import checkpoint, run
-from fastppo.checkpoint import LEGACY_STATE, STATE_JSON, STATE_TENSORS, load_state, save_state
+from fastppo.checkpoint import (LEGACY_STATE, STATE_JSON, STATE_TENSORS, TRAINER, load_state,
+                                save_state)
 from fastppo.config import SFTConfig
 from fastppo.sft import train_sft
 
@@ -93,8 +94,8 @@ def sft_config(small_run, target, **overrides):
 def test_tampered_pickle_state_is_refused_not_executed(small_run, tmp_path):
     train_sft(sft_config(small_run, tmp_path / "run"))
     found = tmp_path / "run" / "checkpoint"
-    (found / STATE_JSON).unlink()
-    (found / STATE_TENSORS).unlink()
+    (found / TRAINER / STATE_JSON).unlink()
+    (found / TRAINER / STATE_TENSORS).unlink()
     marker = tmp_path / "pwned"
     evil_pickle(found / LEGACY_STATE, marker)
     with pytest.raises(ValueError, match=r"older format.*python -m fastppo.checkpoint convert"):
@@ -114,8 +115,8 @@ def test_older_checkpoint_converts_explicitly_and_resumes_exactly(small_run, tmp
     found = tmp_path / "resumed" / "checkpoint"
     # Rewrite the state as the older format did (a torch.save pickle of the same dict).
     torch.save(load_state(found), found / LEGACY_STATE)
-    (found / STATE_JSON).unlink()
-    (found / STATE_TENSORS).unlink()
+    (found / TRAINER / STATE_JSON).unlink()
+    (found / TRAINER / STATE_TENSORS).unlink()
     with pytest.raises(ValueError, match="older format"):
         train_sft(sft_config(small_run, tmp_path / "resumed", steps=4, resume=True))
     assert checkpoint.main(["convert", str(found)]) == 0
@@ -147,7 +148,7 @@ def test_older_checkpoint_converts_explicitly_and_resumes_exactly(small_run, tmp
 ])
 def test_tampered_state_is_refused_with_a_clear_error(small_run, tmp_path, tamper, message):
     train_sft(sft_config(small_run, tmp_path / "run"))
-    tamper(tmp_path / "run" / "checkpoint")
+    tamper(tmp_path / "run" / "checkpoint" / TRAINER)
     with pytest.raises(ValueError, match=message):
         train_sft(sft_config(small_run, tmp_path / "run", steps=3, resume=True))
 
@@ -158,7 +159,7 @@ def test_resume_changes_nothing_when_the_state_is_refused(tmp_path, case):
     generator = torch.Generator().manual_seed(0)
     run.save(tmp_path, lambda directory, state: None, optimizer, generator, iteration=1,
              kl_coef="0.1" if case == "kl_coef" else 0.1)
-    state_file = tmp_path / "checkpoint" / STATE_JSON
+    state_file = tmp_path / "checkpoint" / TRAINER / STATE_JSON
     if case == "json":
         state_file.write_text("{not json")
     elif case == "optimizer":  # a run whose model has another shape

@@ -13,8 +13,10 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from fastppo.checkpoint import load_state
+from fastppo.models import VALUE_HEAD
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -64,7 +66,7 @@ def assert_same_run(a, b):
         for key in ("score_mean", "score_std", "reward", "kl", "entropy", "policy_loss",
                     "value_loss", "clipfrac", "approx_kl", "first_ratio_max_error"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (key, x[key], y[key])
-    for name in ("model.safetensors", "head.safetensors"):
+    for name in ("model.safetensors", VALUE_HEAD):
         wa, wb = load_file(str(a / "checkpoint" / name)), load_file(str(b / "checkpoint" / name))
         assert set(wa) == set(wb)
         for k in wa:
@@ -87,9 +89,17 @@ def test_two_ranks_equal_one_process(small_run, two_ranks, tmp_path):
     assert code == 0, stderr[-3000:]
     assert_same_run(one, two_ranks)
     assert all(r["first_ratio_max_error"] <= 1e-5 for r in rows(two_ranks))
-    # the optimizer state is saved by parameter name: it loads at any world size
-    names = load_state(two_ranks / "checkpoint")["optimizer"]["param_groups"][0]["params"]
+    # each rank wrote its shards (DCP, safetensors); the optimizer's groups name their parameters
+    checkpoint = two_ranks / "checkpoint"
+    assert len(list((checkpoint / "trainer" / "shards").glob("*.safetensors"))) == 2
+    optimizer = load_state(checkpoint)["optimizer"]
+    assert set(optimizer) == {"param_groups"}  # the moments are in the shards, not gathered
+    names = optimizer["param_groups"][0]["params"]
     assert names[0].startswith("lm.") and "value_head.weight" in names
+    # beside them, the consolidated model: from_pretrained (and vLLM) load the directory as it is
+    assert [f.name for f in checkpoint.glob("*.safetensors")] == ["model.safetensors"]
+    _, info = AutoModelForCausalLM.from_pretrained(checkpoint, output_loading_info=True)
+    assert not any(info.values()), info
 
 
 def test_checkpoints_resume_at_the_other_world_size(small_run, two_ranks, tmp_path):
@@ -130,8 +140,27 @@ def test_sft_and_rm_on_two_ranks_equal_one_process(small_run, tmp_path, stage):
         for key in ("loss", "train_accuracy", "eval_accuracy"):
             if key in x:
                 assert x[key] == pytest.approx(y[key], rel=1e-4), (key, x, y)
-    wa = load_file(str(outs[1] / "checkpoint" / "model.safetensors"))
-    wb = load_file(str(outs[2] / "checkpoint" / "model.safetensors"))
+    assert_same_weights(outs[1], outs[2])
+    # resume at the other world size: 2 ranks' shards on 1 process, 1 process's checkpoint on 2
+    down, up = tmp_path / "down", outs[1]
+    subprocess.run(["cp", "-r", str(outs[2]), str(down)], check=True)
+    for out, world in ((down, 1), (up, 2)):
+        code, _, stderr = launch([stage, "--data", str(run_dir / "data" / data), "--model",
+                                  str(model), "--out", str(out), "--steps", "6", "--batch_size", "8",
+                                  "--save_every", "2", "--resume", "true", "--allow_config_change", "true"], world)
+        assert code == 0, stderr[-3000:]
+    assert [r["step"] for r in rows(down)] == [r["step"] for r in rows(up)]
+    assert [r["step"] for r in rows(down) if "loss" in r] == list(range(6))
+    for x, y in zip(rows(down), rows(up)):
+        assert x.keys() == y.keys()
+        for key in {"loss", "eval_accuracy"} & x.keys():
+            assert x[key] == pytest.approx(y[key], rel=1e-4), (key, x, y)
+    assert_same_weights(down, up)
+
+
+def assert_same_weights(a, b):
+    wa = load_file(str(a / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(b / "checkpoint" / "model.safetensors"))
     assert set(wa) == set(wb)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-4)
@@ -164,7 +193,7 @@ def test_a_rank_that_dies_stops_the_others_and_the_run_resumes(small_run, tmp_pa
                             env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not (out / "checkpoint" / "trainer_state.json").exists():
+        while not (out / "checkpoint" / "trainer" / "trainer_state.json").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
             time.sleep(0.2)
         ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
@@ -201,4 +230,35 @@ def test_the_pipeline_runs_under_torchrun(small_run, tmp_path):
     result = json.loads(stdout[stdout.index("{"):])
     assert result["ppo"] == str(tmp_path / "ppo" / "checkpoint") and stdout.count("{") == 1
     for stage in ("sft", "rm", "ppo"):
-        assert (tmp_path / stage / "checkpoint" / "trainer_state.json").is_file()
+        assert (tmp_path / stage / "checkpoint" / "trainer" / "trainer_state.json").is_file()
+
+
+def test_share_of_mean_gives_the_single_process_gradient(monkeypatch):
+    """The loss normalisation of every trainer: two ranks' share_of_mean losses over their halves of
+    a mini-batch, their gradients averaged as FSDP does, equal the single-process token-mean
+    gradient (float64, a ppo_loss over a shared LM head)."""
+    from fastppo import distributed
+    from fastppo.kernels import ppo_loss
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 6, 5, 8, 11
+    hidden, head = torch.randn(B, T, H, generator=g, dtype=torch.float64), \
+        torch.randn(V, H, generator=g, dtype=torch.float64)
+    labels = torch.randint(V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.6
+    old, adv = torch.randn(B, T, generator=g, dtype=torch.float64), \
+        torch.randn(B, T, generator=g, dtype=torch.float64)
+
+    def grad(rows, reduction, scale):
+        w = head.clone().requires_grad_()
+        out = ppo_loss(hidden[rows] @ w.T, labels[rows], old[rows], adv[rows], mask[rows],
+                       reduction=reduction)
+        scale(out.loss).backward()
+        return w.grad
+
+    want = grad(slice(None), "token-mean", lambda loss: loss)
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    tokens = mask.sum()
+    ranks = [grad(rows, "sum", lambda loss: distributed.share_of_mean(loss, tokens))
+             for rows in (slice(0, 3), slice(3, 6))]
+    torch.testing.assert_close((ranks[0] + ranks[1]) / 2, want, rtol=1e-12, atol=1e-12)

@@ -140,6 +140,7 @@ def test_a_trainer_whose_disk_fills_stops_and_keeps_its_last_checkpoint(small_ru
     def fills_up(directory, state):
         calls.append(state["step"])
         if len(calls) == 2:
+            directory.mkdir(parents=True, exist_ok=True)
             (directory / "trainer_state.json").write_text("{")
             raise OSError(28, "No space left on device")
         real(directory, state)

@@ -14,7 +14,7 @@ from conftest import DEVICE
 from families import FAMILIES, build, build_config, build_tokenizer, data
 from fastppo.config import PPOConfig
 from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl, special_ids
-from fastppo.models import HEAD_FILE, check_reward_model_dir, load_reward_model
+from fastppo.models import HEAD_FILE, VALUE_HEAD, check_reward_model_dir, load_reward_model
 from fastppo.ppo import train_ppo
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -101,7 +101,7 @@ def test_ppo_trains_against_a_hub_reward_model(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["first_ratio_max_error"] <= 1e-5 for r in rows)
     assert all(r["score_std"] > 0 for r in rows)  # the random head scores differently per sample
-    assert (out / HEAD_FILE).is_file()
+    assert (out / VALUE_HEAD).is_file()
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from conftest import SMALL
 from engine_testing import TIMING, ppo_config
 from fastppo import ppo
 from fastppo.checkpoint import load_state
+from fastppo.models import HEAD_FILE, VALUE_HEAD
 from fastppo.config import PPOConfig
 from fastppo.data import read_jsonl
 from fastppo.demo import DemoConfig, demo
@@ -43,7 +44,9 @@ def test_checkpoints_load_with_transformers(small_run):
         ids = tokenizer("the film was good", return_tensors="pt").input_ids
         width = 1 if stage == "rm" else len(tokenizer)
         assert model(ids).logits.shape[-1] == width
-        assert (path / "head.safetensors").exists() == (stage == "ppo")
+        # vLLM takes every top-level *.safetensors for a weight shard: the model's file alone
+        assert [f.name for f in path.glob("*.safetensors")] == ["model.safetensors"]
+        assert (path / VALUE_HEAD).exists() == (stage == "ppo")
 
 
 def test_first_minibatch_sees_ratio_one(small_run):
@@ -65,10 +68,17 @@ def test_first_minibatch_sees_ratio_one_at_temperature(small_run, tmp_path):
     assert row["first_ratio_max_error"] <= 1e-5
 
 
-def test_resumed_run_equals_uninterrupted_run(small_run, tmp_path):
+@pytest.mark.parametrize("layout", ["current", "older"])
+def test_resumed_run_equals_uninterrupted_run(small_run, tmp_path, layout):
     out, _ = small_run
     ppo.train_ppo(ppo_config(out, tmp_path / "straight"))
     ppo.train_ppo(ppo_config(out, tmp_path / "resumed", iterations=2))
+    if layout == "older":  # before trainer/: the state and value head beside the model
+        found = tmp_path / "resumed" / "checkpoint"
+        (found / VALUE_HEAD).rename(found / HEAD_FILE)
+        for f in (found / "trainer").iterdir():
+            f.rename(found / f.name)
+        (found / "trainer").rmdir()
     ppo.train_ppo(ppo_config(out, tmp_path / "resumed", resume=True))
     rows = {}
     for name in ("straight", "resumed"):

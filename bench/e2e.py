@@ -1,6 +1,7 @@
 """End-to-end benchmark: PPO iterations on the fixed standard workload.
 
-    python bench/e2e.py [--iterations 3] [--device cpu]
+    python bench/e2e.py [--iterations 3] [--device cpu] [--dtype bfloat16] [--gradient_checkpointing]
+    python bench/e2e.py --hidden 1024 --layers 8 --response 64      # a larger workload
     torchrun --standalone --nproc_per_node 2 bench/e2e.py      # the same global batch on 2 ranks
 
 Workload: a Llama-style policy (hidden 256, 4 layers, 4 heads, intermediate 512, vocabulary 32000,
@@ -35,7 +36,7 @@ from fastppo.ppo import train_ppo
 VOCAB, PROMPT, RESPONSE, PROMPTS = 32000, 16, 32, 16
 
 
-def workload(root: Path, seed: int) -> tuple[Path, Path, Path]:
+def workload(root: Path, seed: int, hidden: int = 256, layers: int = 4) -> tuple[Path, Path, Path]:
     words = ["<pad>", "<unk>", "<bos>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 4)]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -43,9 +44,10 @@ def workload(root: Path, seed: int) -> tuple[Path, Path, Path]:
                                                         special_tokens=[("<bos>", 2)])  # as Llama's
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
                                   bos_token="<bos>", eos_token="<eos>")
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                         num_key_value_heads=hidden // 64, max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
     torch.manual_seed(seed)
     policy = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     policy.save_pretrained(root / "policy")
@@ -67,17 +69,25 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--hidden", type=int, default=256, help="policy and RM hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="policy and RM decoder layers")
+    parser.add_argument("--response", type=int, default=RESPONSE, help="response tokens")
     args = parser.parse_args(argv)
+    shape = f"h{args.hidden}-l{args.layers}-r{args.response}"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        policy, rm, prompts = workload(root, args.seed)  # under torchrun: one identical copy per rank
+        # under torchrun: one identical copy per rank
+        policy, rm, prompts = workload(root, args.seed, args.hidden, args.layers)
         out = root / "run"
         if "TORCHELASTIC_RUN_ID" in os.environ:  # the ranks' one output folder
             out = Path(tempfile.gettempdir()) / f"fastppo-e2e-{os.environ['TORCHELASTIC_RUN_ID']}"
         cfg = PPOConfig(prompts=str(prompts), policy=str(policy), reward_model=str(rm),
                         out=str(out), iterations=args.iterations, batch_size=PROMPTS,
-                        mini_batch_size=PROMPTS // 2, ppo_epochs=4, max_new_tokens=RESPONSE,
-                        save_every=10**6, seed=args.seed, device=args.device)
+                        mini_batch_size=PROMPTS // 2, ppo_epochs=4, max_new_tokens=args.response,
+                        save_every=10**6, seed=args.seed, device=args.device, dtype=args.dtype,
+                        gradient_checkpointing=args.gradient_checkpointing)
         train_ppo(cfg)
         if os.environ.get("RANK", "0") != "0":
             return 0  # under torchrun every rank trains; rank 0 reports
@@ -89,10 +99,13 @@ def main(argv=None):
             "peak_memory_mib", "iteration_memory_mib", "response_length"]
     result = {k: statistics.median(r[k] for r in measured) for k in keys}
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    print(f"fastppo, world {world}, {device_name(args.device)}: "
+    print(f"fastppo, world {world}, {shape}, {args.dtype}"
+          f"{', checkpointing' if args.gradient_checkpointing else ''}, {device_name(args.device)}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     append_csv("e2e.csv", [dict(date=today(), rev=git_revision(), device=device_name(args.device),
                                 torch=torch.__version__, provider="fastppo", world_size=world,
+                                workload=shape, dtype=args.dtype,
+                                gradient_checkpointing=int(args.gradient_checkpointing),
                                 iterations=len(measured), **{k: f"{v:.4f}" for k, v in result.items()},
                                 allocator=allocator_env())])
     return 0

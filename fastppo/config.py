@@ -30,6 +30,13 @@ def _in(cfg, name: str, low: float, high: float = math.inf, *, low_open: bool = 
     _require(ok, f"{name} must be {bound}; got {value}")
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def _check_precision(cfg) -> None:
+    _require(cfg.dtype in DTYPES, f"dtype must be one of {DTYPES}; got {cfg.dtype!r}")
+
+
 def _check_prompt_limit(cfg) -> None:
     _in(cfg, "max_prompt_length", 0)
     _require(not cfg.truncate_prompts or cfg.max_prompt_length >= 1,
@@ -68,12 +75,20 @@ class SFTConfig:
     """Seed of every random choice (data order, initialisation of heads)."""
     device: str = "cpu"
     """Torch device."""
+    dtype: str = "float32"
+    """Compute precision: "float32", or "bfloat16": mixed precision (the matmuls in bf16 under
+    torch.autocast, from float32 master weights and optimizer state; the value and score heads,
+    log-probs, rewards, advantages and losses in float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
+    own checkpointing): less memory for about one more forward pass of time."""
 
     def check(self) -> "SFTConfig":
         for name in ("steps", "save_every", "batch_size"):
             _in(self, name, 1)
         _in(self, "lr", 0, low_open=True)
         _check_prompt_limit(self)
+        _check_precision(self)
         check_divides(batch_size=self.batch_size)
         return self
 
@@ -113,6 +128,13 @@ class RMConfig:
     """Seed of every random choice."""
     device: str = "cpu"
     """Torch device."""
+    dtype: str = "float32"
+    """Compute precision: "float32", or "bfloat16": mixed precision (the matmuls in bf16 under
+    torch.autocast, from float32 master weights and optimizer state; the value and score heads,
+    log-probs, rewards, advantages and losses in float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
+    own checkpointing): less memory for about one more forward pass of time."""
 
     def check(self) -> "RMConfig":
         for name in ("steps", "batch_size", "save_every"):
@@ -120,6 +142,7 @@ class RMConfig:
         _in(self, "lr", 0, low_open=True)
         _in(self, "eval_fraction", 0, 1, low_open=True, high_open=True)
         _check_prompt_limit(self)
+        _check_precision(self)
         check_divides(batch_size=self.batch_size)
         return self
 
@@ -196,12 +219,20 @@ class PPOConfig:
     """Seed of every random choice."""
     device: str = "cpu"
     """Torch device."""
+    dtype: str = "float32"
+    """Compute precision: "float32", or "bfloat16": mixed precision (the matmuls in bf16 under
+    torch.autocast, from float32 master weights and optimizer state; the value and score heads,
+    log-probs, rewards, advantages and losses in float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
+    own checkpointing): less memory for about one more forward pass of time."""
 
     def check(self) -> "PPOConfig":
         for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
                      "kl_horizon", "save_every"):
             _in(self, name, 1)
         _check_prompt_limit(self)
+        _check_precision(self)
         check_divides(batch_size=self.batch_size, mini_batch_size=self.mini_batch_size)
         _require(self.mini_batch_size <= self.batch_size,
                  f"mini_batch_size ({self.mini_batch_size}) must not exceed batch_size "

@@ -46,9 +46,12 @@ def group(device: str):
     running = dist.is_initialized()
     try:
         yield setup(device)
-    finally:
+    except BaseException:
         if not running:
-            teardown()
+            teardown(wait=False)  # the others fail by their collective timeout
+        raise
+    if not running:
+        teardown()
 
 
 def setup(device: str) -> str:
@@ -71,8 +74,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def teardown() -> None:
+def teardown(wait: bool = True) -> None:
+    """End the process group; with `wait`, once every rank is done with it (a rank that tore its
+    connections down while a peer still had traffic in flight could abort that peer)."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

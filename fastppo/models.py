@@ -188,6 +188,43 @@ def load_reward_model(path, device="cpu") -> RewardModel:
     return RewardModel(model)
 
 
+def precision(device, dtype: str):
+    """The model forwards' precision: for "bfloat16", torch.autocast (the matmuls in bf16, cast from
+    the float32 weights; the optimizer steps the float32 weights); nothing for "float32". Every
+    forward of a run, rollout and training alike, runs under it, so they agree bit for bit."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=dtype == "bfloat16")
+
+
+def in_float32(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """A scalar head (value, score) in float32, outside autocast: a bf16 value or reward has 3
+    significant digits, too few for returns, advantages and ranking margins."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.float())
+
+
+def enable_gradient_checkpointing(lm) -> None:
+    """transformers' own gradient checkpointing on `lm`'s decoder layers (non-reentrant)."""
+    if not lm.supports_gradient_checkpointing:
+        raise ValueError(f"gradient_checkpointing: {type(lm).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def eval_mode(model: nn.Module) -> nn.Module:
+    """model.eval(): dropout off in every forward, which the rollout/training agreement (ratio = 1)
+    needs. transformers checkpoints a layer only when the layer is in training mode, so layers with
+    gradient checkpointing on are flagged as training again; their dropout submodules stay off."""
+    model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
+    return model
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that ignore left padding (the same in generation, rollout and training)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -204,7 +241,8 @@ def backbone(lm, input_ids, attention_mask, **kwargs):
 def hidden_at(lm, input_ids, attention_mask, positions: slice = slice(None)):
     """The backbone's last hidden states at `positions`, contiguous: a strided (B, R, H) slice sends
     the LM head to a batched matmul against an expanded weight, ~2x slower on CPU."""
-    return backbone(lm, input_ids, attention_mask).last_hidden_state[:, positions].contiguous()
+    return backbone(lm, input_ids, attention_mask,
+                    use_cache=False).last_hidden_state[:, positions].contiguous()
 
 
 class ActorCritic(nn.Module):
@@ -222,7 +260,7 @@ class ActorCritic(nn.Module):
         is not spent on prompt positions nobody reads."""
         hidden = hidden_at(self.lm, input_ids, attention_mask, positions)
         logits = self.lm.get_output_embeddings()(hidden)
-        values = self.value_head(hidden).squeeze(-1).clone()  # not a view: FSDP2 hooks outputs
+        values = in_float32(self.value_head, hidden).squeeze(-1).clone()  # not a view: FSDP2 hooks outputs
         return logits, values
 
 
@@ -246,10 +284,10 @@ class RewardModel(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        hidden = backbone(self.model, input_ids, attention_mask).last_hidden_state
+        hidden = backbone(self.model, input_ids, attention_mask, use_cache=False).last_hidden_state
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
         # not a view: FSDP2 hooks a module's outputs for backward
-        return self.model.score(hidden[torch.arange(len(last)), last]).squeeze(-1).clone()
+        return in_float32(self.model.score, hidden[torch.arange(len(last)), last]).squeeze(-1).clone()
 
 
 HEAD_FILE = "head.safetensors"  # the older layout's value head / RM score head, beside the model

@@ -37,6 +37,10 @@ class PipelineConfig:
     """Seed of every random choice."""
     device: str = "cpu"
     """Torch device."""
+    dtype: str = "float32"
+    """Every stage's compute precision: "float32" or "bfloat16" (mixed precision, see PPOConfig)."""
+    gradient_checkpointing: bool = False
+    """Every stage recomputes its decoder layers' activations in backward (see PPOConfig)."""
     sft: dict = field(default_factory=dict)
     """Other SFTConfig fields for the SFT stage, e.g. {"lr": 0.001, "batch_size": 16}."""
     rm: dict = field(default_factory=dict)
@@ -61,7 +65,8 @@ def _stage(cls, overrides: dict, stage: str, **wired):
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """SFT -> RM -> PPO. All three stage configs are built and checked before any work starts."""
     out = Path(cfg.out)
-    common = dict(seed=cfg.seed, device=cfg.device)
+    common = dict(seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+                  gradient_checkpointing=cfg.gradient_checkpointing)
     sft_checkpoint, rm_checkpoint = out / "sft" / "checkpoint", out / "rm" / "checkpoint"
     sft_cfg = _stage(SFTConfig, cfg.sft, "sft", data=cfg.sft_data, model=cfg.model,
                      out=str(out / "sft"), steps=cfg.sft_steps, **common)

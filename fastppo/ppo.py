@@ -26,8 +26,9 @@ from fastppo.data import Batch, encode_prompts, limit_prompts, read_jsonl, speci
 from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logprobs
 from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
 from fastppo.models import (ActorCritic, LogitsAt, check_fits_context, check_model_dir,
-                            check_reward_model_dir, check_same_tokenizer, load_lm,
-                            load_reward_model, save_model, value_head_state)
+                            check_reward_model_dir, check_same_tokenizer,
+                            enable_gradient_checkpointing, eval_mode, load_lm, load_reward_model,
+                            precision, save_model, value_head_state)
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
 
@@ -72,15 +73,18 @@ def rollout_forward(model, reference, reward_model, batch, order, cfg, temperatu
         idx = distributed.my_rows(order[i:i + cfg.mini_batch_size])
         mb = batch.select(idx)
         labels = mb.responses.masked_fill(~mb.response_mask, -100)
-        logits, values[idx] = model(mb.input_ids, mb.attention_mask, mb.response_positions)
+        with precision(cfg.device, cfg.dtype):  # as in training: the same logits, bit for bit
+            logits, values[idx] = model(mb.input_ids, mb.attention_mask, mb.response_positions)
         old_logprobs[idx] = token_logprobs(logits, labels, temperature=temperature,
                                            validate=False)
         t0 = time.perf_counter()
-        ref = reference(mb.input_ids, mb.attention_mask, mb.response_positions)
+        with precision(cfg.device, cfg.dtype):
+            ref = reference(mb.input_ids, mb.attention_mask, mb.response_positions)
         ref_logprobs[idx] = token_logprobs(ref, labels, temperature=temperature,
                                            validate=False)
         t1 = time.perf_counter()
-        scores[idx] = reward_model(mb.input_ids, mb.attention_mask).float()
+        with precision(cfg.device, cfg.dtype):
+            scores[idx] = reward_model(mb.input_ids, mb.attention_mask).float()
         timings["reference"] += t1 - t0
         timings["score"] += time.perf_counter() - t1
     distributed.sum_over_ranks(old_logprobs, values, ref_logprobs, scores)  # each row from one rank
@@ -106,6 +110,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
     generator = run.setup(cfg.seed, cfg.device)
     model = ActorCritic(load_lm(cfg.policy, cfg.device)).to(cfg.device)
     reference = LogitsAt(copy.deepcopy(model.lm)).eval().requires_grad_(False)  # the SFT weights
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model.lm)
     reward_model = load_reward_model(cfg.reward_model, cfg.device)
     reward_model.eval().requires_grad_(False)
     # The rollout engine samples from the live policy; the trainer scores its samples at the
@@ -151,9 +157,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
         # 1. Rollout: sample prompts and generate with the current policy. The model stays in eval
         # mode throughout, training included: dropout would make the rollout's log-probs disagree
         # with training's (gradients flow all the same).
-        model.eval()
+        eval_mode(model)
         pick = torch.randint(len(prompts), (cfg.batch_size,), generator=generator).tolist()
-        with distributed.gathered(model):
+        with distributed.gathered(model), precision(cfg.device, cfg.dtype):
             batch = generate_global(rollout, [prompts[i] for i in pick], iteration, cfg)
         t_generate = time.perf_counter()
         mask = batch.response_mask
@@ -180,7 +186,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
                 tokens = mask[order[i:i + cfg.mini_batch_size]].sum().clamp(min=1)
                 idx = distributed.my_rows(order[i:i + cfg.mini_batch_size])
                 mb = batch.select(idx)
-                logits, values = model(mb.input_ids, mb.attention_mask, mb.response_positions)
+                with precision(cfg.device, cfg.dtype):  # bf16 logits; the loss in float32
+                    logits, values = model(mb.input_ids, mb.attention_mask, mb.response_positions)
                 out_loss = ppo_loss(
                     logits, mb.responses, old_logprobs[idx], advantages[idx],
                     mb.response_mask, values=values,

@@ -16,8 +16,8 @@ from fastppo.config import RMConfig
 from fastppo.data import (encode_prompts, encode_responses, limit_prompts, pack, read_jsonl,
                           special_ids)
 from fastppo.metrics import MetricsLog, plot
-from fastppo.models import (check_fits_context, check_model_dir, load_reward_model,
-                            new_reward_model, save_model)
+from fastppo.models import (check_fits_context, check_model_dir, enable_gradient_checkpointing,
+                            load_reward_model, new_reward_model, precision, save_model)
 
 
 def _scores(rm, tokenizer, prompts, responses, device):
@@ -53,6 +53,8 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     pad, eos = special_ids(tokenizer)
     # Hugging Face's pooling finds the last token by its id: only a pad token of its own is safe.
     rm = new_reward_model(cfg.model, pad if pad != eos else None, cfg.device).train()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(rm.model)
     if distributed.world() > 1:  # torchrun: FSDP2, each rank takes its share of every batch
         distributed.shard(rm, rm.model)
     order = torch.randperm(len(rows), generator=generator).tolist()
@@ -82,8 +84,9 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
                                                 generator=generator).tolist()]
         pick = [pick[i] for i in distributed.my_rows(torch.arange(cfg.batch_size)).tolist()]
         p = [prompts[i] for i in pick]
-        margin = (_scores(rm, tokenizer, p, [chosen[i] for i in pick], cfg.device)
-                  - _scores(rm, tokenizer, p, [rejected[i] for i in pick], cfg.device))
+        with precision(cfg.device, cfg.dtype):  # the scores themselves are float32
+            margin = (_scores(rm, tokenizer, p, [chosen[i] for i in pick], cfg.device)
+                      - _scores(rm, tokenizer, p, [rejected[i] for i in pick], cfg.device))
         # mean over the global batch: each rank's share of the sum (FSDP averages over the ranks)
         loss = distributed.share_of_mean(-F.logsigmoid(margin).sum(), cfg.batch_size)
         loss_value = distributed.summed(loss.detach()) / distributed.world()
@@ -102,8 +105,10 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
                      eval_accuracy=None)
     progress.close()
     rm.eval()
-    accuracy = pairwise_accuracy(rm, tokenizer, [prompts[i] for i in held], [chosen[i] for i in held],
-                                 [rejected[i] for i in held], cfg.device)
+    with precision(cfg.device, cfg.dtype):
+        accuracy = pairwise_accuracy(rm, tokenizer, [prompts[i] for i in held],
+                                     [chosen[i] for i in held], [rejected[i] for i in held],
+                                     cfg.device)
     log.write({"step": cfg.steps, "eval_accuracy": accuracy})
     run.save(cfg.out, write_model, optimizer, generator, model=rm, step=cfg.steps,
              eval_accuracy=accuracy)

@@ -87,6 +87,7 @@ def owns_output(train: Callable) -> Callable:
         cfg.check()
         check_output(cfg)  # on every rank, before the process group starts: one message each
         check_device(cfg.device)
+        check_precision(cfg.dtype, cfg.device)
         with distributed.group(cfg.device) as device:  # torchrun: the process group
             return _owning(train, dataclasses.replace(cfg, device=device))
     return wrapped
@@ -174,6 +175,14 @@ def check_device(device: str) -> None:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
                          "device(s)")
+
+
+def check_precision(dtype: str, device: str) -> None:
+    """bfloat16 runs on this device, else a ValueError before any work."""
+    dev = torch.device(device)
+    if dtype == "bfloat16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype 'bfloat16' is not supported on {device} "
+                         f"({torch.cuda.get_device_name(dev)}); use dtype 'float32'")
 
 
 def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optimizer,

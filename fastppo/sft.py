@@ -14,7 +14,8 @@ from fastppo.data import (encode_prompts, encode_responses, limit_prompts, pack,
                           special_ids)
 from fastppo.kernels import token_logprobs
 from fastppo.metrics import MetricsLog, plot
-from fastppo.models import LogitsAt, check_fits_context, check_model_dir, load_lm, save_model
+from fastppo.models import (LogitsAt, check_fits_context, check_model_dir,
+                            enable_gradient_checkpointing, load_lm, precision, save_model)
 
 
 @run.owns_output  # cfg.out: locked for this run, resume/overwrite checked, config.yaml saved
@@ -32,6 +33,8 @@ def train_sft(cfg: SFTConfig) -> Path:
                        f"the longest prompt + response of {cfg.data}")
     generator = run.setup(cfg.seed, cfg.device)
     policy = LogitsAt(load_lm(cfg.model, cfg.device).train())
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy.lm)
     if distributed.world() > 1:  # torchrun: FSDP2, each rank takes its share of every batch
         distributed.shard(policy, policy.lm)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, fused=True)
@@ -57,7 +60,8 @@ def train_sft(cfg: SFTConfig) -> Path:
                      pad).to(cfg.device)
         tokens = batch.response_mask.sum()  # the global batch's; each rank sums its share of them
         mb = batch.select(distributed.my_rows(torch.arange(cfg.batch_size)))
-        logits = policy(mb.input_ids, mb.attention_mask, mb.response_positions)
+        with precision(cfg.device, cfg.dtype):  # bf16 logits; log-probs in float32 below
+            logits = policy(mb.input_ids, mb.attention_mask, mb.response_positions)
         labels = mb.responses.masked_fill(~mb.response_mask, -100)
         logprobs = token_logprobs(logits, labels, validate=False)
         loss = distributed.share_of_mean(-logprobs.sum(), tokens)

@@ -77,7 +77,7 @@ def assert_same_run(a, b):
 def two_ranks(small_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("world2") / "run"
     code, stdout, stderr = fastppo(small_run, out, world=2)
-    assert code == 0, stderr[-3000:]
+    assert code == 0, stdout[-2000:] + stderr[-3000:]
     assert stdout.count("PPO checkpoint:") == 1  # rank 0 prints
     assert "Traceback" not in stderr and "UserWarning" not in stderr
     return out

@@ -21,7 +21,9 @@ from fastppo.models import VALUE_HEAD
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 SETTINGS = ["--batch_size", "8", "--mini_batch_size", "4", "--max_new_tokens", "6",
-            "--save_every", "1", "--allow_config_change", "true"]
+            "--save_every", "1", "--allow_config_change", "true",
+            # the adaptive KL controller moves every iteration: it must agree and resume too
+            "--adaptive_kl", "true", "--kl_target", "0.5", "--kl_horizon", "2"]
 
 
 def fastppo(small_run, out, *args, world=1, iterations=2, timeout=240):
@@ -63,8 +65,8 @@ def assert_same_run(a, b):
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     for x, y in zip(ra, rb):
         assert x["response_length"] == y["response_length"]
-        for key in ("score_mean", "score_std", "reward", "kl", "entropy", "policy_loss",
-                    "value_loss", "clipfrac", "approx_kl", "first_ratio_max_error"):
+        for key in ("score_mean", "score_std", "reward", "kl", "kl_coef", "entropy",
+                    "policy_loss", "value_loss", "clipfrac", "approx_kl", "first_ratio_max_error"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (key, x[key], y[key])
     for name in ("model.safetensors", VALUE_HEAD):
         wa, wb = load_file(str(a / "checkpoint" / name)), load_file(str(b / "checkpoint" / name))

@@ -71,21 +71,26 @@ def test_first_minibatch_sees_ratio_one_at_temperature(small_run, tmp_path):
 @pytest.mark.parametrize("layout", ["current", "older"])
 def test_resumed_run_equals_uninterrupted_run(small_run, tmp_path, layout):
     out, _ = small_run
-    ppo.train_ppo(ppo_config(out, tmp_path / "straight"))
-    ppo.train_ppo(ppo_config(out, tmp_path / "resumed", iterations=2))
+    # the current layout's run also adapts its KL coefficient: the controller resumes too
+    kl = dict(adaptive_kl=True, kl_target=0.5, kl_horizon=2) if layout == "current" else {}
+    ppo.train_ppo(ppo_config(out, tmp_path / "straight", **kl))
+    ppo.train_ppo(ppo_config(out, tmp_path / "resumed", iterations=2, **kl))
     if layout == "older":  # before trainer/: the state and value head beside the model
         found = tmp_path / "resumed" / "checkpoint"
         (found / VALUE_HEAD).rename(found / HEAD_FILE)
         for f in (found / "trainer").iterdir():
             f.rename(found / f.name)
         (found / "trainer").rmdir()
-    ppo.train_ppo(ppo_config(out, tmp_path / "resumed", resume=True))
+    ppo.train_ppo(ppo_config(out, tmp_path / "resumed", resume=True, **kl))
     rows = {}
     for name in ("straight", "resumed"):
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         rows[name] = [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
     assert [r["step"] for r in rows["resumed"]] == [0, 1, 2, 3]
     assert rows["resumed"] == rows["straight"]
+    if kl:  # the coefficient moved before the resume and went on moving after it
+        coefs = [r["kl_coef"] for r in rows["resumed"]]
+        assert len(set(coefs)) == 4, coefs
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "checkpoint").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "checkpoint").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

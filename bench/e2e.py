@@ -1,6 +1,7 @@
 """End-to-end benchmark: PPO iterations on the fixed standard workload.
 
     python bench/e2e.py [--iterations 3] [--device cpu] [--dtype bfloat16] [--gradient_checkpointing]
+                        [--lora_rank 16]
     python bench/e2e.py --hidden 1024 --layers 8 --response 64      # a larger workload
     torchrun --standalone --nproc_per_node 2 bench/e2e.py      # the same global batch on 2 ranks
 
@@ -71,6 +72,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--lora_rank", type=int, default=0, help="LoRA adapters of this rank (0: off)")
     parser.add_argument("--hidden", type=int, default=256, help="policy and RM hidden size")
     parser.add_argument("--layers", type=int, default=4, help="policy and RM decoder layers")
     parser.add_argument("--response", type=int, default=RESPONSE, help="response tokens")
@@ -87,7 +89,8 @@ def main(argv=None):
                         out=str(out), iterations=args.iterations, batch_size=PROMPTS,
                         mini_batch_size=PROMPTS // 2, ppo_epochs=4, max_new_tokens=args.response,
                         save_every=10**6, seed=args.seed, device=args.device, dtype=args.dtype,
-                        gradient_checkpointing=args.gradient_checkpointing)
+                        gradient_checkpointing=args.gradient_checkpointing,
+                        lora_rank=args.lora_rank)
         train_ppo(cfg)
         if os.environ.get("RANK", "0") != "0":
             return 0  # under torchrun every rank trains; rank 0 reports
@@ -100,12 +103,14 @@ def main(argv=None):
     result = {k: statistics.median(r[k] for r in measured) for k in keys}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"fastppo, world {world}, {shape}, {args.dtype}"
-          f"{', checkpointing' if args.gradient_checkpointing else ''}, {device_name(args.device)}: "
+          f"{', checkpointing' if args.gradient_checkpointing else ''}"
+          f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}, {device_name(args.device)}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     append_csv("e2e.csv", [dict(date=today(), rev=git_revision(), device=device_name(args.device),
                                 torch=torch.__version__, provider="fastppo", world_size=world,
                                 workload=shape, dtype=args.dtype,
                                 gradient_checkpointing=int(args.gradient_checkpointing),
+                                lora_rank=args.lora_rank,
                                 iterations=len(measured), **{k: f"{v:.4f}" for k, v in result.items()},
                                 allocator=allocator_env())])
     return 0

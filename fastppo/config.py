@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastppo.distributed import check_divides
 
@@ -35,6 +35,13 @@ DTYPES = ("float32", "bfloat16")
 
 def _check_precision(cfg) -> None:
     _require(cfg.dtype in DTYPES, f"dtype must be one of {DTYPES}; got {cfg.dtype!r}")
+    _in(cfg, "lora_rank", 0)
+    if cfg.lora_rank:
+        _in(cfg, "lora_alpha", 0, low_open=True)
+        _in(cfg, "lora_dropout", 0, 1, high_open=True)
+        _require(bool(cfg.lora_target_modules) and all(
+            isinstance(t, str) and t for t in cfg.lora_target_modules),
+            f"lora_target_modules must name at least one module; got {cfg.lora_target_modules!r}")
 
 
 def _check_prompt_limit(cfg) -> None:
@@ -82,6 +89,16 @@ class SFTConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
     own checkpointing): less memory for about one more forward pass of time."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank (peft, the `lora` extra) instead of every weight; 0: full
+    fine-tuning. The value and score heads stay fully trainable."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter's update is (lora_alpha / lora_rank) B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (SFT and RM only: PPO runs its policy without dropout)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Names (or name suffixes) of the linear layers that get adapters; "all-linear": every linear
+    layer of the decoder, the LM head excepted."""
 
     def check(self) -> "SFTConfig":
         for name in ("steps", "save_every", "batch_size"):
@@ -135,6 +152,16 @@ class RMConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
     own checkpointing): less memory for about one more forward pass of time."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank (peft, the `lora` extra) instead of every weight; 0: full
+    fine-tuning. The value and score heads stay fully trainable."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter's update is (lora_alpha / lora_rank) B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (SFT and RM only: PPO runs its policy without dropout)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Names (or name suffixes) of the linear layers that get adapters; "all-linear": every linear
+    layer of the decoder, the LM head excepted."""
 
     def check(self) -> "RMConfig":
         for name in ("steps", "batch_size", "save_every"):
@@ -226,6 +253,16 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
     own checkpointing): less memory for about one more forward pass of time."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank (peft, the `lora` extra) instead of every weight; 0: full
+    fine-tuning. The value and score heads stay fully trainable."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter's update is (lora_alpha / lora_rank) B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (SFT and RM only: PPO runs its policy without dropout)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Names (or name suffixes) of the linear layers that get adapters; "all-linear": every linear
+    layer of the decoder, the LM head excepted."""
 
     def check(self) -> "PPOConfig":
         for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
@@ -253,4 +290,7 @@ class PPOConfig:
             _in(self, name, 0, low_open=True)
         _in(self, "vf_coef", 0)
         _in(self, "entropy_coef", -math.inf)
+        _require(not (self.lora_rank and self.lora_dropout),
+                 "lora_dropout must be 0 for PPO: the policy runs without dropout so that the "
+                 "rollout's log-probs and training's agree (ratio = 1 on the first mini-batch)")
         return self

@@ -304,11 +304,13 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a whole state dict (every rank holds it) into `model`, sharded or not."""
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], *,
+                         strict: bool = True) -> None:
+    """Load a whole state dict (every rank holds it) into `model`, sharded or not. strict=False:
+    `state` may hold only some of the weights (a LoRA adapter and the heads)."""
     if world() == 1:
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=strict)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))

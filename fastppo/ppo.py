@@ -25,10 +25,11 @@ from fastppo.config import PPOConfig
 from fastppo.data import Batch, encode_prompts, limit_prompts, read_jsonl, special_ids
 from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logprobs
 from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
-from fastppo.models import (ActorCritic, LogitsAt, check_fits_context, check_model_dir,
-                            check_reward_model_dir, check_same_tokenizer,
-                            enable_gradient_checkpointing, eval_mode, load_lm, load_reward_model,
-                            precision, save_model, value_head_state)
+from fastppo.models import (ADAPTER, ActorCritic, LogitsAt, adapters_off, add_lora,
+                            check_fits_context, check_model_dir, check_reward_model_dir,
+                            check_same_tokenizer, enable_gradient_checkpointing, eval_mode,
+                            load_adapter, load_lm, load_reward_model, precision, save_model,
+                            value_head_state)
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
 
@@ -57,6 +58,15 @@ def generate_global(rollout, prompts, iteration, cfg) -> Batch:
     attention = distributed.gather_rows(grow(local.attention_mask.long(), 0)).bool()
     R = int(attention[:, P:].any(0).nonzero().max()) + 1 if attention[:, P:].any() else 1
     return Batch(ids[:, :P + R], attention[:, :P + R], attention[:, P:P + R].clone(), P)
+
+
+def without_adapters(model: ActorCritic):
+    """PPO's reference under LoRA: the policy's own forward with every adapter off (through the
+    actor-critic, so that FSDP2 gathers its root), its logits only."""
+    def logits(input_ids, attention_mask, positions):
+        with adapters_off(model.lm):
+            return model(input_ids, attention_mask, positions)[0]
+    return logits
 
 
 @torch.no_grad()
@@ -109,7 +119,11 @@ def train_ppo(cfg: PPOConfig) -> Path:
         check_fits_context(path, longest, "the longest prompt + max_new_tokens")
     generator = run.setup(cfg.seed, cfg.device)
     model = ActorCritic(load_lm(cfg.policy, cfg.device)).to(cfg.device)
-    reference = LogitsAt(copy.deepcopy(model.lm)).eval().requires_grad_(False)  # the SFT weights
+    if cfg.lora_rank:  # the reference is the policy with its adapters off: no second copy
+        add_lora(model.lm, cfg)
+        reference = without_adapters(model)
+    else:
+        reference = LogitsAt(copy.deepcopy(model.lm)).eval().requires_grad_(False)  # SFT weights
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model.lm)
     reward_model = load_reward_model(cfg.reward_model, cfg.device)
@@ -119,10 +133,12 @@ def train_ppo(cfg: PPOConfig) -> Path:
     # (FSDP2) and the policy is gathered whole for each rollout (distributed.gathered).
     if distributed.world() > 1:
         distributed.shard(model, model.lm)
-        distributed.shard(reference, reference.lm)
+        if not cfg.lora_rank:
+            distributed.shard(reference, reference.lm)
         distributed.shard(reward_model, reward_model.model)
     # Built on the sharded parameters, before any forward: after one, FSDP2's root holds whole ones.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)  # one pass per step
+    trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA: adapters, value head
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, fused=True)  # one pass per step
     if distributed.world() > 1:
         with torch.no_grad():  # FSDP2 takes the module of the first forward for its root
             model(torch.tensor([[eos]], device=cfg.device),
@@ -137,10 +153,15 @@ def train_ppo(cfg: PPOConfig) -> Path:
         save_model(model, tokenizer, directory, state)
 
     def load_model(directory):
-        state = {f"lm.{k}": v for k, v in load_lm(directory, cfg.device).state_dict().items()}
+        if cfg.lora_rank:  # the frozen base is cfg.policy's, loaded above; the adapter is saved
+            adapter = load_adapter(Path(directory) / ADAPTER, model.lm)
+            lm = {k: v.to(cfg.device) for k, v in adapter.items()}
+        else:
+            lm = load_lm(directory, cfg.device).state_dict()
+        state = {f"lm.{k}": v for k, v in lm.items()}
         state.update({f"value_head.{k}": v.to(cfg.device)
                       for k, v in value_head_state(directory).items()})
-        distributed.load_full_state_dict(model, state)
+        distributed.load_full_state_dict(model, state, strict=not cfg.lora_rank)
 
     kl_coef, start_iteration = cfg.kl_coef, 0
     if cfg.resume:

@@ -16,8 +16,9 @@ from fastppo.config import RMConfig
 from fastppo.data import (encode_prompts, encode_responses, limit_prompts, pack, read_jsonl,
                           special_ids)
 from fastppo.metrics import MetricsLog, plot
-from fastppo.models import (check_fits_context, check_model_dir, enable_gradient_checkpointing,
-                            load_reward_model, new_reward_model, precision, save_model)
+from fastppo.models import (ADAPTER, add_lora, check_fits_context, check_model_dir,
+                            enable_gradient_checkpointing, load_adapter, load_reward_model,
+                            new_reward_model, precision, save_model)
 
 
 def _scores(rm, tokenizer, prompts, responses, device):
@@ -53,6 +54,8 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     pad, eos = special_ids(tokenizer)
     # Hugging Face's pooling finds the last token by its id: only a pad token of its own is safe.
     rm = new_reward_model(cfg.model, pad if pad != eos else None, cfg.device).train()
+    if cfg.lora_rank:  # adapters on the backbone; the new score head trains whole
+        add_lora(rm.model, cfg, keep=("score",))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(rm.model)
     if distributed.world() > 1:  # torchrun: FSDP2, each rank takes its share of every batch
@@ -62,13 +65,22 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     held, train = order[:n_eval], order[n_eval:]
     if not train:
         raise ValueError(f"{cfg.data}: too few pairs to hold out {cfg.eval_fraction:.0%} and train")
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, fused=True)
+    optimizer = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=cfg.lr,
+                                  fused=True)
 
     def write_model(directory, state):
         save_model(rm, tokenizer, directory, state)
 
     def load_model(directory):
-        distributed.load_full_state_dict(rm, load_reward_model(directory).state_dict())
+        saved = load_reward_model(directory).state_dict()
+        if cfg.lora_rank:  # the frozen base is cfg.model's, loaded above: the adapter and score head
+            adapter = load_adapter(Path(directory) / ADAPTER, rm.model)
+            state = {f"model.{k}": v for k, v in adapter.items()}
+            state.update({k: v for k, v in saved.items() if k.startswith("model.score.")})
+            distributed.load_full_state_dict(rm, {k: v.to(cfg.device) for k, v in state.items()},
+                                             strict=False)
+        else:
+            distributed.load_full_state_dict(rm, saved)
 
     start_step = 0
     if cfg.resume:

@@ -14,8 +14,9 @@ from fastppo.data import (encode_prompts, encode_responses, limit_prompts, pack,
                           special_ids)
 from fastppo.kernels import token_logprobs
 from fastppo.metrics import MetricsLog, plot
-from fastppo.models import (LogitsAt, check_fits_context, check_model_dir,
-                            enable_gradient_checkpointing, load_lm, precision, save_model)
+from fastppo.models import (ADAPTER, LogitsAt, add_lora, check_fits_context, check_model_dir,
+                            enable_gradient_checkpointing, load_adapter, load_lm, precision,
+                            save_model)
 
 
 @run.owns_output  # cfg.out: locked for this run, resume/overwrite checked, config.yaml saved
@@ -33,17 +34,25 @@ def train_sft(cfg: SFTConfig) -> Path:
                        f"the longest prompt + response of {cfg.data}")
     generator = run.setup(cfg.seed, cfg.device)
     policy = LogitsAt(load_lm(cfg.model, cfg.device).train())
+    if cfg.lora_rank:
+        add_lora(policy.lm, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy.lm)
     if distributed.world() > 1:  # torchrun: FSDP2, each rank takes its share of every batch
         distributed.shard(policy, policy.lm)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, fused=True)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                                  fused=True)
 
     def write_model(directory, state):
         save_model(policy, tokenizer, directory, state)
 
     def load_model(directory):
-        distributed.load_full_state_dict(policy, LogitsAt(load_lm(directory)).state_dict())
+        if cfg.lora_rank:  # the frozen base is cfg.model's, loaded above; the adapter is saved
+            adapter = load_adapter(Path(directory) / ADAPTER, policy.lm)
+            distributed.load_full_state_dict(policy, {f"lm.{k}": v.to(cfg.device)
+                                                      for k, v in adapter.items()}, strict=False)
+        else:
+            distributed.load_full_state_dict(policy, LogitsAt(load_lm(directory)).state_dict())
 
     start_step = 0
     if cfg.resume:

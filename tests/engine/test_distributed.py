@@ -121,6 +121,20 @@ def test_checkpoints_resume_at_the_other_world_size(small_run, two_ranks, tmp_pa
         assert_same_run(straight, resumed)
 
 
+def test_lora_on_two_ranks_equals_one_process(small_run, tmp_path):
+    """LoRA composes with FSDP2: frozen base and adapters sharded together, the reference is the
+    policy with its adapters off on every rank, the merged model and the adapter saved by rank 0."""
+    pytest.importorskip("peft")
+    runs = {}
+    for world in (1, 2):
+        runs[world] = tmp_path / f"world{world}"
+        code, _, stderr = fastppo(small_run, runs[world], "--lora_rank", "4", world=world)
+        assert code == 0, stderr[-3000:]
+    assert_same_run(runs[1], runs[2])
+    assert rows(runs[2])[0]["kl"] == 0.0
+    assert (runs[2] / "checkpoint" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_bf16_on_two_ranks_matches_one_process_to_bf16_rounding(small_run, tmp_path):
     """bf16 composes with FSDP2 (autocast over float32 shards, the same as one process). It is
     world-size invariant only to bf16's rounding: a rank's matmuls run on half the rows, and the bf16

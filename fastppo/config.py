@@ -50,8 +50,31 @@ def _check_prompt_limit(cfg) -> None:
              "truncate_prompts needs max_prompt_length >= 1")
 
 
+@dataclass(kw_only=True)
+class ModelOptions:
+    """How a trainer's model computes and which of its weights train: every trainer's config has
+    these fields (after its own)."""
+    dtype: str = "float32"
+    """Compute precision: "float32", or "bfloat16": mixed precision (the matmuls in bf16 under
+    torch.autocast, from float32 master weights and optimizer state; the value and score heads,
+    log-probs, rewards, advantages and losses in float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
+    own checkpointing): less memory for about one more forward pass of time."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank (peft, the `lora` extra) instead of every weight; 0: full
+    fine-tuning. The value and score heads stay fully trainable."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter's update is (lora_alpha / lora_rank) B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (SFT and RM only: PPO runs its policy without dropout)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Names (or name suffixes) of the linear layers that get adapters; "all-linear": every linear
+    layer of the decoder, the LM head excepted."""
+
+
 @dataclass
-class SFTConfig:
+class SFTConfig(ModelOptions):
     data: str
     """JSONL file of {"prompt", "response"} rows."""
     model: str
@@ -82,23 +105,6 @@ class SFTConfig:
     """Seed of every random choice (data order, initialisation of heads)."""
     device: str = "cpu"
     """Torch device."""
-    dtype: str = "float32"
-    """Compute precision: "float32", or "bfloat16": mixed precision (the matmuls in bf16 under
-    torch.autocast, from float32 master weights and optimizer state; the value and score heads,
-    log-probs, rewards, advantages and losses in float32)."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
-    own checkpointing): less memory for about one more forward pass of time."""
-    lora_rank: int = 0
-    """Train LoRA adapters of this rank (peft, the `lora` extra) instead of every weight; 0: full
-    fine-tuning. The value and score heads stay fully trainable."""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator: the adapter's update is (lora_alpha / lora_rank) B A."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapters' input (SFT and RM only: PPO runs its policy without dropout)."""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Names (or name suffixes) of the linear layers that get adapters; "all-linear": every linear
-    layer of the decoder, the LM head excepted."""
 
     def check(self) -> "SFTConfig":
         for name in ("steps", "save_every", "batch_size"):
@@ -111,7 +117,7 @@ class SFTConfig:
 
 
 @dataclass
-class RMConfig:
+class RMConfig(ModelOptions):
     data: str
     """JSONL file of {"prompt", "chosen", "rejected"} rows."""
     model: str
@@ -145,23 +151,6 @@ class RMConfig:
     """Seed of every random choice."""
     device: str = "cpu"
     """Torch device."""
-    dtype: str = "float32"
-    """Compute precision: "float32", or "bfloat16": mixed precision (the matmuls in bf16 under
-    torch.autocast, from float32 master weights and optimizer state; the value and score heads,
-    log-probs, rewards, advantages and losses in float32)."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
-    own checkpointing): less memory for about one more forward pass of time."""
-    lora_rank: int = 0
-    """Train LoRA adapters of this rank (peft, the `lora` extra) instead of every weight; 0: full
-    fine-tuning. The value and score heads stay fully trainable."""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator: the adapter's update is (lora_alpha / lora_rank) B A."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapters' input (SFT and RM only: PPO runs its policy without dropout)."""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Names (or name suffixes) of the linear layers that get adapters; "all-linear": every linear
-    layer of the decoder, the LM head excepted."""
 
     def check(self) -> "RMConfig":
         for name in ("steps", "batch_size", "save_every"):
@@ -175,7 +164,7 @@ class RMConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(ModelOptions):
     prompts: str
     """JSONL file of {"prompt"} rows."""
     policy: str
@@ -246,23 +235,6 @@ class PPOConfig:
     """Seed of every random choice."""
     device: str = "cpu"
     """Torch device."""
-    dtype: str = "float32"
-    """Compute precision: "float32", or "bfloat16": mixed precision (the matmuls in bf16 under
-    torch.autocast, from float32 master weights and optimizer state; the value and score heads,
-    log-probs, rewards, advantages and losses in float32)."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
-    own checkpointing): less memory for about one more forward pass of time."""
-    lora_rank: int = 0
-    """Train LoRA adapters of this rank (peft, the `lora` extra) instead of every weight; 0: full
-    fine-tuning. The value and score heads stay fully trainable."""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator: the adapter's update is (lora_alpha / lora_rank) B A."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapters' input (SFT and RM only: PPO runs its policy without dropout)."""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Names (or name suffixes) of the linear layers that get adapters; "all-linear": every linear
-    layer of the decoder, the LM head excepted."""
 
     def check(self) -> "PPOConfig":
         for name in ("iterations", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",

@@ -180,6 +180,7 @@ def test_masked_whiten_over_two_ranks_equals_one_tensor(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                "2", worker, str(tmp_path)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # os.environ carries conftest's TRITON_INTERPRET on a machine without GPU
                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=240)

@@ -277,18 +277,11 @@ def all_finite(tensors) -> bool:
     return bool(flag)
 
 
-def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's whole state keyed by parameter name, gathered from the shards (a collective):
-    it loads at any world size (load_optimizer_state)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-
-
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                          state: dict) -> None:
-    """Load optimizer_state's format (parameters by name) into a model sharded over any number of
-    ranks, or an optimizer.state_dict() (parameters by position: a single-process checkpoint)."""
+    """Load an optimizer state with parameters by name (get_optimizer_state_dict's format) into a
+    model sharded over any number of ranks, or an optimizer.state_dict() (parameters by position:
+    a single-process checkpoint)."""
     named = bool(state.get("param_groups")) and all(
         isinstance(p, str) for group in state["param_groups"] for p in group["params"])
     if not named and world() == 1:

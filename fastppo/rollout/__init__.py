@@ -1,10 +1,12 @@
 """Rollout engines: where the PPO loop gets its samples.
 
 The loop asks a rollout object for a batch, `rollout.generate(prompts, ...) -> Batch`, and never calls a
-sampler itself. Today's engine is the Hugging Face sampler with a KV cache (`hf.py`); another engine
-(vLLM) is a second file beside it, not a branch in the loop. An engine only picks tokens: the trainer
-recomputes every log-prob with its own forward at the same temperature (fastppo.ppo), which is what
-makes the first PPO mini-batch see ratio = 1 whatever the engine's numerics.
+sampler itself. Two engines, one file each: the Hugging Face sampler with a KV cache over the live
+policy (`hf.py`, the default and the reference) and vLLM in the same process, its weights loaded
+from the policy before each rollout (`vllm.py`). An engine picks tokens and reports the log-prob it
+drew each with; the trainer recomputes every log-prob with its own forward at the same temperature
+(fastppo.ppo), which is what makes the first PPO mini-batch see ratio = 1 whatever the engine's
+numerics, and compares the two (the sampler/trainer gap).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class Rollout(Protocol):
                  rows: torch.Tensor | None = None, prompt_len: int | None = None) -> Batch:
         """Responses for `prompts` (token ids, as the tokenizer encodes them), packed with them into
         one Batch (prompts left-padded to `prompt_len` or their longest, right-padded responses,
-        tokens after EOS masked out) on the training device. `rows` are the prompts' places in the
+        tokens after EOS masked out) on the training device, with `sampler_logprobs`. `rows` are the prompts' places in the
         iteration's global batch (default 0, 1, ...): an engine draws a row's tokens from (its seed,
         iteration, row) alone, so a batch split over devices samples what one device would."""
         ...

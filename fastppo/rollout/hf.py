@@ -1,9 +1,10 @@
 """The Hugging Face rollout engine: sampling from the live policy with a KV cache (temperature, top-k,
 top-p, EOS).
 
-The sampler only picks tokens. The rollout's log-probs are not taken from it: they are recomputed by
-the training forward on the generated tokens with the same temperature (fastppo.ppo), so the first PPO
-step sees ratio = 1 whatever the sampler's filtering. It samples from the policy's own weights, so
+The sampler picks tokens and reports the log-prob it drew each with. The rollout's log-probs are not
+taken from it: they are recomputed by the training forward on the generated tokens with the same
+temperature (fastppo.ppo), so the first PPO step sees ratio = 1 whatever the sampler's filtering; the
+sampler's own log-probs measure the sampler/trainer gap (and feed truncated importance sampling). It samples from the policy's own weights, so
 there is nothing to synchronise between iterations.
 """
 from __future__ import annotations
@@ -56,11 +57,11 @@ def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top
              top_p: float, eos_id: int, pad_id: int, uniforms: Callable[[int], torch.Tensor]) -> Batch:
     """Sample up to max_new_tokens per prompt, the token of step t drawn with uniforms(t) (one per
     row); returns the packed prompt + response batch (tokens after a row's EOS are padding and
-    masked out)."""
+    masked out) with the sampler's log-prob of each token (under the filtered distribution)."""
     ids, attn = prompts.input_ids, prompts.attention_mask
     B = ids.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    new_tokens, new_mask = [], []
+    new_tokens, new_mask, new_logprobs = [], [], []
     cache, step_ids, full_attn = None, ids, attn
     # The KV cache's argument is `cache` in current transformers, `past_key_values` before (5.x
     # warns on the old name): use what this version's backbone takes.
@@ -76,6 +77,7 @@ def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top
         real = ~done  # the EOS itself counts; what follows it is padding
         new_tokens.append(token)
         new_mask.append(real)
+        new_logprobs.append(torch.where(real, probs.gather(-1, token[:, None])[:, 0].log(), 0.0))
         done = done | (token == eos_id)
         step_ids = token[:, None]
         full_attn = torch.cat([full_attn, real[:, None]], dim=1)
@@ -84,7 +86,7 @@ def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top
     responses = torch.stack(new_tokens, 1)
     response_mask = torch.stack(new_mask, 1)
     return Batch(torch.cat([ids, responses], 1), torch.cat([attn, response_mask], 1), response_mask,
-                 prompts.prompt_len)
+                 prompts.prompt_len, torch.stack(new_logprobs, 1))
 
 
 class HFRollout:

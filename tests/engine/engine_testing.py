@@ -4,7 +4,7 @@ from pathlib import Path
 
 from fastppo.config import PPOConfig
 
-TIMING = ("tokens_per_s", "time_generate", "time_reference", "time_score", "time_train",
+TIMING = ("tokens_per_s", "time_sync", "time_generate", "time_reference", "time_score", "time_train",
           "peak_memory_mib", "iteration_memory_mib")
 
 

@@ -91,6 +91,8 @@ def test_two_ranks_equal_one_process(small_run, two_ranks, tmp_path):
     assert code == 0, stderr[-3000:]
     assert_same_run(one, two_ranks)
     assert all(r["first_ratio_max_error"] <= 1e-5 for r in rows(two_ranks))
+    # the ranks' sampler log-probs were exchanged with their rows (else the gap would be large)
+    assert all(r["sampler_gap_max"] < 1e-4 for r in rows(two_ranks))
     # each rank wrote its shards (DCP, safetensors); the optimizer's groups name their parameters
     checkpoint = two_ranks / "checkpoint"
     assert len(list((checkpoint / "trainer" / "shards").glob("*.safetensors"))) == 2

@@ -114,3 +114,32 @@ def test_a_batch_split_in_two_samples_the_same_tokens():
         assert torch.equal(half.input_ids, whole.input_ids[4 * i:4 * i + 4, :whole.prompt_len + R])
         assert not whole.response_mask[4 * i:4 * i + 4, R:].any()
     assert not torch.equal(whole.responses, rollout.generate(prompts, iteration=4).responses)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.6)])
+def test_sampler_logprobs_are_those_of_the_distribution_it_drew_from(top_k, top_p):
+    # Without filtering, the trainer's recomputed log-probs; with it, the renormalised filtered
+    # distribution's (what the sampler/trainer gap metric and truncated importance sampling read).
+    from fastppo.kernels import token_logprobs
+    from fastppo.models import lm_logits, tiny_llama
+
+    torch.manual_seed(0)
+    lm = tiny_llama(30, hidden=16, layers=1, heads=2).eval()
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.mul_(10)
+    rollout = HFRollout(lm, Sampling(max_new_tokens=6, temperature=0.8, top_k=top_k, top_p=top_p),
+                        eos_id=3, pad_id=0, device="cpu", seed=0)
+    batch = rollout.generate([[2, 5, 7], [2, 9], [2, 11, 12, 13]] * 2)
+    mask = batch.response_mask
+    with torch.no_grad():
+        logits = lm_logits(lm, batch.input_ids, batch.attention_mask, batch.response_positions)
+    lp = token_logprobs(logits, batch.responses.masked_fill(~mask, -100), temperature=0.8)
+    filtered = torch.log_softmax(filter_logits(logits / 0.8, top_k, top_p), -1)
+    want = filtered.gather(-1, batch.responses[..., None])[..., 0]
+    torch.testing.assert_close(batch.sampler_logprobs[mask], want[mask], atol=1e-5, rtol=1e-5)
+    assert (batch.sampler_logprobs[~mask] == 0).all()
+    if top_k == 0 and top_p == 1.0:
+        torch.testing.assert_close(batch.sampler_logprobs[mask], lp[mask], atol=1e-5, rtol=1e-5)
+    else:  # the kept mass: the filtered log-prob exceeds the full one
+        assert (batch.sampler_logprobs[mask] >= lp[mask] - 1e-6).all()
+        assert (batch.sampler_logprobs[mask] > lp[mask] + 1e-3).any()

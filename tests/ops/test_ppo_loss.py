@@ -1,4 +1,6 @@
 """fastppo.kernels.ppo_loss against the float64 reference: loss, statistics and gradients."""
+import math
+
 import pytest
 import torch
 
@@ -21,7 +23,17 @@ OPTION_SETS = {
     "entropy+k3": dict(entropy_coef=0.03, kl_coef=0.2, kl_estimator="k3"),
     "k1+k2": dict(kl_coef=0.5, kl_estimator="k1", clip_eps=0.05, value_clip=0.05),
     "k2,no-values": dict(kl_coef=0.5, kl_estimator="k2", entropy_coef=-0.01, with_values=False),
+    # truncated importance sampling over the sampler's log-probs, with every clip on (seed 15: a
+    # batch where the dual clip caps a token)
+    "tis+dual": dict(tis_cap=1.5, clip_eps=0.1, clip_eps_high=0.3, dual_clip=1.2, seed=15),
 }
+
+
+def grid_batch(options, dtype):
+    """The batch of `options`' grid row (its own seed unless it names one) and the options."""
+    opts = dict(OPTION_SETS[options])
+    seed = opts.pop("seed", list(OPTION_SETS).index(options))
+    return make_batch(4, 11, 301, dtype, mask="layouts", seed=seed), opts
 
 
 def make_batch(B, T, V, dtype, *, mask="random", seed=0, spread=0.6):
@@ -50,6 +62,10 @@ def make_batch(B, T, V, dtype, *, mask="random", seed=0, spread=0.6):
         returns=torch.randn(B, T, generator=g).to(DEVICE),
         ref_logprobs=(lp + 0.3 * torch.randn(B, T, generator=g)).float().to(DEVICE),
     )
+    # NaN in padding: a sampler gives no log-prob there, and none may leak
+    batch["sampler_logprobs"] = torch.where(
+        m.to(DEVICE), batch["old_logprobs"] + 0.5 * torch.randn(B, T, generator=g).to(DEVICE),
+        float("nan"))
     batch["old_values"] = batch["values"] + 0.3 * torch.randn(B, T, generator=g).to(DEVICE)
     return batch
 
@@ -69,6 +85,8 @@ def run_both(batch, backend, *, grad_scale=-1.7, temperature=1.0, **options):
                           returns=cast(batch["returns"]))
         if options.get("kl_coef"):
             kwargs["ref_logprobs"] = cast(batch["ref_logprobs"])
+        if options.get("tis_cap"):
+            kwargs["sampler_logprobs"] = cast(batch["sampler_logprobs"])
         args = (logits[:, :-1], batch["labels"], cast(batch["old_logprobs"]),
                 cast(batch["advantages"]), batch["mask"])
         if double:
@@ -109,9 +127,8 @@ def assert_matches(got, want, dtype, backend):
 @pytest.mark.parametrize("reduction", ["token-mean", "seq-mean-token-mean", "sum"])
 @pytest.mark.parametrize("options", list(OPTION_SETS), ids=list(OPTION_SETS))
 def test_grid(backend, dtype, reduction, options):
-    batch = make_batch(4, 11, 301, dtype, mask="layouts", seed=list(OPTION_SETS).index(options))
-    got, want = run_both(batch, backend, reduction=reduction, temperature=0.8,
-                         **OPTION_SETS[options])
+    batch, opts = grid_batch(options, dtype)
+    got, want = run_both(batch, backend, reduction=reduction, temperature=0.8, **opts)
     assert_matches(got, want, dtype, backend)
 
 
@@ -119,8 +136,7 @@ def test_grid(backend, dtype, reduction, options):
 def test_grid_exercises_every_branch(options):
     # The grid is only meaningful if its batches clip, value-clip and dual-clip some tokens (and
     # not all of them): check that on the very batches it uses.
-    batch = make_batch(4, 11, 301, torch.float32, mask="layouts", seed=list(OPTION_SETS).index(options))
-    opts = dict(OPTION_SETS[options])
+    batch, opts = grid_batch(options, torch.float32)
     (out, _, _), _ = run_both(batch, "torch", temperature=0.8, **opts)
     if opts.get("clip_eps", 0.2) is not None:
         assert 0.05 < out.clipfrac < 0.95
@@ -132,6 +148,28 @@ def test_grid_exercises_every_branch(options):
         ratio = torch.exp(lp - batch["old_logprobs"].double())
         capped = (batch["advantages"] < 0) & (ratio > opts["dual_clip"]) & batch["mask"]
         assert 0 < capped.sum() < batch["mask"].sum()
+    if opts.get("tis_cap"):
+        w = torch.exp(batch["old_logprobs"] - batch["sampler_logprobs"])[batch["mask"]]
+        assert 0 < (w > opts["tis_cap"]).sum() < w.numel()  # some weights truncated, not all
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tis_weighs_the_policy_gradient_of_each_token(backend):
+    # With a sampler equal to the old policy every weight is 1: the plain loss. Doubling one row's
+    # sampler probability halves that row's policy-gradient term (and gradient); the cap truncates.
+    batch = make_batch(3, 6, 40, torch.float32, mask="layouts")
+    mask, old = batch["mask"], batch["old_logprobs"]
+    plain = call(batch, backend=backend, reduction="sum")
+    same = call(batch, backend=backend, reduction="sum", sampler_logprobs=old, tis_cap=10.0)
+    torch.testing.assert_close(same.loss, plain.loss)
+    sampler = old.clone()
+    sampler[1] += math.log(2.0)  # row 1 sampled twice as likely as the old policy says
+    sampler[2] -= math.log(3.0)  # row 2 a third as likely: weight 3, capped at 2
+    weighted = call(batch, backend=backend, reduction="sum", sampler_logprobs=sampler, tis_cap=2.0)
+    rows = [call(batch, backend=backend, reduction="sum",
+                 mask=mask & (torch.arange(3, device=mask.device)[:, None] == r)).policy_loss
+            for r in range(3)]
+    torch.testing.assert_close(weighted.policy_loss, rows[0] + rows[1] / 2 + 2 * rows[2])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -292,6 +330,11 @@ BAD = [
     (dict(labels="out-of-range"), ValueError, r"labels must lie in \[0, 10\)"),
     (dict(logits="int"), TypeError, "logits must be a floating-point tensor"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(tis_cap=2.0), ValueError, "tis_cap and sampler_logprobs go together"),
+    (dict(sampler_logprobs="old_logprobs"), ValueError, "tis_cap and sampler_logprobs go together"),
+    (dict(sampler_logprobs="old_logprobs", tis_cap=0.0), ValueError, "tis_cap must be a finite number > 0"),
+    (dict(sampler_logprobs="short", tis_cap=2.0), ValueError,
+     "sampler_logprobs must have the shape of labels"),
 ]
 
 

@@ -1,13 +1,14 @@
 """End-to-end benchmark: PPO iterations on the fixed standard workload.
 
     python bench/e2e.py [--iterations 3] [--device cpu] [--dtype bfloat16] [--gradient_checkpointing]
-                        [--lora_rank 16]
+                        [--lora_rank 16] [--rollout_engine vllm]
     python bench/e2e.py --hidden 1024 --layers 8 --response 64      # a larger workload
     torchrun --standalone --nproc_per_node 2 bench/e2e.py      # the same global batch on 2 ranks
 
 Workload: a Llama-style policy (hidden 256, 4 layers, 4 heads, intermediate 512, vocabulary 32000,
 random init) and a reward model of the same shape; 16 prompts of 16 tokens, responses of 32 tokens,
-4 PPO epochs, 2 mini-batches. Reports tokens/s, the time split (generate / reference / score / train)
+4 PPO epochs, 2 mini-batches. Reports tokens/s, the time split (sync / generate / reference / score /
+train), the sampler/trainer gap
 and peak memory (per-iteration peak RSS on CPU, and that peak minus the RSS at the iteration's
 start) per iteration (the first iteration is a warm-up and is not reported), appended to
 bench/results/e2e.csv. bench/e2e_trl.py runs TRL's PPOTrainer on the same workload and prints the ratio.
@@ -76,6 +77,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=256, help="policy and RM hidden size")
     parser.add_argument("--layers", type=int, default=4, help="policy and RM decoder layers")
     parser.add_argument("--response", type=int, default=RESPONSE, help="response tokens")
+    parser.add_argument("--rollout_engine", default="hf", choices=["hf", "vllm"])
     args = parser.parse_args(argv)
     shape = f"h{args.hidden}-l{args.layers}-r{args.response}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +92,7 @@ def main(argv=None):
                         mini_batch_size=PROMPTS // 2, ppo_epochs=4, max_new_tokens=args.response,
                         save_every=10**6, seed=args.seed, device=args.device, dtype=args.dtype,
                         gradient_checkpointing=args.gradient_checkpointing,
-                        lora_rank=args.lora_rank)
+                        lora_rank=args.lora_rank, rollout_engine=args.rollout_engine)
         train_ppo(cfg)
         if os.environ.get("RANK", "0") != "0":
             return 0  # under torchrun every rank trains; rank 0 reports
@@ -98,21 +100,24 @@ def main(argv=None):
         if out.parent != root:
             shutil.rmtree(out)
     measured = rows[1:] or rows
-    keys = ["tokens_per_s", "time_generate", "time_reference", "time_score", "time_train",
-            "peak_memory_mib", "iteration_memory_mib", "response_length"]
+    keys = ["tokens_per_s", "time_sync", "time_generate", "time_reference", "time_score",
+            "time_train", "peak_memory_mib", "iteration_memory_mib", "response_length",
+            "sampler_gap_max", "sampler_kl"]
     result = {k: statistics.median(r[k] for r in measured) for k in keys}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"fastppo, world {world}, {shape}, {args.dtype}"
           f"{', checkpointing' if args.gradient_checkpointing else ''}"
-          f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}, {device_name(args.device)}: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+          f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}, rollout "
+          f"{args.rollout_engine}, {device_name(args.device)}: "
+          + ", ".join(f"{k} {v:.3g}" if k.startswith("sampler") else f"{k} {v:.3f}"
+                      for k, v in result.items()))
+    figures = {k: f"{v:.3e}" if k.startswith("sampler") else f"{v:.4f}" for k, v in result.items()}
     append_csv("e2e.csv", [dict(date=today(), rev=git_revision(), device=device_name(args.device),
                                 torch=torch.__version__, provider="fastppo", world_size=world,
                                 workload=shape, dtype=args.dtype,
                                 gradient_checkpointing=int(args.gradient_checkpointing),
-                                lora_rank=args.lora_rank,
-                                iterations=len(measured), **{k: f"{v:.4f}" for k, v in result.items()},
-                                allocator=allocator_env())])
+                                lora_rank=args.lora_rank, rollout_engine=args.rollout_engine,
+                                iterations=len(measured), **figures, allocator=allocator_env())])
     return 0
 
 

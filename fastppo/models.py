@@ -225,6 +225,21 @@ def eval_mode(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def without_checkpointing(model: nn.Module):
+    """Layers flagged for gradient checkpointing run plain for the block (sampling: no gradient, and
+    transformers < 5.20 drops the KV cache of a checkpointed layer in training mode)."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+              and m.training]
+    for m in layers:
+        m.training = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.training = True
+
+
 # ------------------------------------------------------------------------------------------ LoRA
 
 ADAPTER = "adapter"  # a checkpoint's LoRA adapter, in peft's format (adapter_config.json + weights)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from fastppo.data import Batch, pack_prompts
-from fastppo.models import backbone
+from fastppo.models import backbone, without_checkpointing
 from fastppo.rollout import Sampling
 from fastppo.rollout.uniforms import keyed_uniforms
 
@@ -68,7 +68,8 @@ def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top
     cache_arg = "cache" if "cache" in inspect.signature(lm.base_model.forward).parameters \
         else "past_key_values"
     for step in range(max_new_tokens):
-        out = backbone(lm, step_ids, full_attn, use_cache=True, **{cache_arg: cache})
+        with without_checkpointing(lm):
+            out = backbone(lm, step_ids, full_attn, use_cache=True, **{cache_arg: cache})
         cache = getattr(out, cache_arg)
         logits = lm.get_output_embeddings()(out.last_hidden_state[:, -1]).float() / temperature
         probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)

@@ -415,7 +415,7 @@ def test_garbage_at_invalid_positions_never_leaks(backend):
 # ------------------------------------------------------------------- every view of every argument
 
 ARGS = ["logits", "labels", "old_logprobs", "advantages", "mask", "values", "old_values", "returns",
-        "ref_logprobs"]
+        "ref_logprobs", "sampler_logprobs"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -427,9 +427,11 @@ def test_views_of_every_argument(backend, kind):
     batch = make_batch(3, 5, 37, torch.float32, seed=8)
     batch["logits"] = batch["logits"][:, :-1].contiguous()
     batch["mask"][0] = torch.tensor([True, False, True, True, False])  # the row "expanded" repeats
+    batch["sampler_logprobs"] = batch["old_logprobs"] + 0.3 * torch.randn(
+        batch["old_logprobs"].shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     op, ref, leaves, leaves64 = views_of(batch, layout(kind, ARGS), grads=["logits", "values"])
     opts = dict(temperature=0.9, entropy_coef=0.02, kl_coef=0.1, dual_clip=3.0,
-                reduction="seq-mean-token-mean")
+                reduction="seq-mean-token-mean", tis_cap=1.2)
     out = ppo_loss(*(op[k] for k in ARGS[:5]), **{k: op[k] for k in ARGS[5:]}, backend=backend,
                    **opts)
     (out.loss * -1.7).backward()

@@ -430,43 +430,19 @@ def ppo_loss(
     Returns: PPOLossOutput (fastppo.kernels.reference) with the differentiable `loss` and detached
     stats.
     """
-    check_token_inputs(logits, labels, temperature, -100, validate=False)
-    shape = labels.shape
-    check_mask(mask, shape, "labels")
-    check_per_token(shape, "labels", old_logprobs=old_logprobs, advantages=advantages)
-    optional = dict(values=values, old_values=old_values, returns=returns, ref_logprobs=ref_logprobs,
-                    sampler_logprobs=sampler_logprobs)
-    check_per_token(shape, "labels", **{k: t for k, t in optional.items() if t is not None})
-    check_same_device(logits=logits, labels=labels, mask=mask, old_logprobs=old_logprobs,
-                      advantages=advantages, **{k: t for k, t in optional.items() if t is not None})
     opts = PPOLossOptions(
         temperature=temperature, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
         dual_clip=dual_clip, value_clip=value_clip, vf_coef=vf_coef, entropy_coef=entropy_coef,
         kl_coef=kl_coef, kl_estimator=kl_estimator, reduction=reduction,
         inplace_backward=inplace_backward, tis_cap=tis_cap)
-    if values is None and (returns is not None or old_values is not None):
-        raise ValueError("returns/old_values were given without values: pass the critic's values")
-    if values is not None and returns is None:
-        raise ValueError("values needs returns (the value targets)")
-    if values is not None and value_clip is not None and old_values is None:
-        raise ValueError("value_clip needs old_values; pass value_clip=None for an unclipped value loss")
-    if kl_coef and ref_logprobs is None:
-        raise ValueError("kl_coef > 0 needs ref_logprobs")
-    if (tis_cap is None) != (sampler_logprobs is None):
-        raise ValueError("tis_cap and sampler_logprobs go together: truncated importance sampling "
-                         "weighs by min(exp(old_logprobs - sampler_logprobs), tis_cap)")
+    tensors = dict(old_logprobs=old_logprobs, advantages=advantages, values=values,
+                   old_values=old_values, returns=returns, ref_logprobs=ref_logprobs,
+                   sampler_logprobs=sampler_logprobs)
+    labels = check_ppo_inputs(logits, labels, mask, opts, **tensors)
     if inplace_backward and _storage_owner(logits).is_leaf and _storage_owner(logits).requires_grad:
         raise ValueError("inplace_backward=True would overwrite a leaf tensor's data (logits is that "
                          "leaf or a view of it) with its own gradient; pass logits produced by a "
                          "model, or inplace_backward=False")
-    # Every counted position needs a real label: one labelled ignore_index (-100) would be counted
-    # with log-prob 0 and zero gradient, silently (one device sync).
-    vocab = logits.shape[-1]
-    outside = mask & ((labels < 0) | (labels >= vocab))
-    if bool(outside.any()):
-        raise ValueError(f"labels must lie in [0, {vocab}) wherever mask is True; found "
-                         f"{labels[outside].flatten()[0].item()} ({int(outside.sum())} such labels)")
-    labels = torch.where(mask, labels, -100)
     backend = resolve_backend(backend, logits.device, native_dtype=logits.dtype)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -474,18 +450,61 @@ def ppo_loss(
         # token_logprobs' chunked reference, then the reference's per-token terms.
         lp, entropy = token_logprobs(logits, labels, temperature=opts.temperature,
                                      return_entropy=True, validate=False, backend="torch")
-        return reference.ppo_loss_from_logprobs(
-            lp, entropy, old_logprobs, advantages, mask, values=values, old_values=old_values,
-            returns=returns, ref_logprobs=ref_logprobs, sampler_logprobs=sampler_logprobs,
-            **opts.reference_terms())
+        return reference.ppo_loss_from_logprobs(lp, entropy, mask=mask, **tensors,
+                                                **opts.reference_terms())
 
-    if tis_cap is not None:  # max(-wA r, -wA clip(r)) = w max(-A r, -A clip(r)) for w >= 0
-        w = torch.clamp(torch.exp(old_logprobs.float() - sampler_logprobs.float()), max=tis_cap)
-        advantages = torch.where(mask, advantages.float() * w, 0.0)
-    weights = reduction_weights(mask, reduction).float()
+    weights, advantages = fused_inputs(mask, opts, old_logprobs, advantages, sampler_logprobs)
     function = NativePPOLossFunction if backend == "native" else PPOLossFunction
     loss, stats = function.apply(logits, values, labels, mask, weights, old_logprobs, advantages,
                                  old_values, returns, ref_logprobs, opts)
+    return summary(loss, stats, mask, weights, old_logprobs, values)
+
+
+def check_ppo_inputs(logits, labels, mask, opts: PPOLossOptions, **tensors) -> torch.Tensor:
+    """ppo_loss's checks of its tensors (`logits` may be a zero-size expanded stand-in of the logits'
+    shape, dtype and device); returns the labels with -100 outside the mask."""
+    check_token_inputs(logits, labels, opts.temperature, -100, validate=False)
+    shape = labels.shape
+    check_mask(mask, shape, "labels")
+    check_per_token(shape, "labels", old_logprobs=tensors["old_logprobs"],
+                    advantages=tensors["advantages"])
+    given = {k: t for k, t in tensors.items() if t is not None}
+    check_per_token(shape, "labels", **{k: t for k, t in given.items()
+                                        if k not in ("old_logprobs", "advantages")})
+    check_same_device(logits=logits, labels=labels, mask=mask, **given)
+    values, returns, old_values = tensors["values"], tensors["returns"], tensors["old_values"]
+    if values is None and (returns is not None or old_values is not None):
+        raise ValueError("returns/old_values were given without values: pass the critic's values")
+    if values is not None and returns is None:
+        raise ValueError("values needs returns (the value targets)")
+    if values is not None and opts.value_clip is not None and old_values is None:
+        raise ValueError("value_clip needs old_values; pass value_clip=None for an unclipped value loss")
+    if opts.kl_coef and tensors["ref_logprobs"] is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs")
+    if (opts.tis_cap is None) != (tensors["sampler_logprobs"] is None):
+        raise ValueError("tis_cap and sampler_logprobs go together: truncated importance sampling "
+                         "weighs by min(exp(old_logprobs - sampler_logprobs), tis_cap)")
+    # Every counted position needs a real label: one labelled ignore_index (-100) would be counted
+    # with log-prob 0 and zero gradient, silently (one device sync).
+    vocab = logits.shape[-1]
+    outside = mask & ((labels < 0) | (labels >= vocab))
+    if bool(outside.any()):
+        raise ValueError(f"labels must lie in [0, {vocab}) wherever mask is True; found "
+                         f"{labels[outside].flatten()[0].item()} ({int(outside.sum())} such labels)")
+    return torch.where(mask, labels, -100)
+
+
+def fused_inputs(mask, opts: PPOLossOptions, old_logprobs, advantages, sampler_logprobs):
+    """The fused kernels' reduction weights, and the advantages with the truncated importance
+    weights folded in: max(-wA r, -wA clip(r)) = w max(-A r, -A clip(r)) for w >= 0."""
+    if opts.tis_cap is not None:
+        w = torch.clamp(torch.exp(old_logprobs.float() - sampler_logprobs.float()), max=opts.tis_cap)
+        advantages = torch.where(mask, advantages.float() * w, 0.0)
+    return reduction_weights(mask, opts.reduction).float(), advantages
+
+
+def summary(loss, stats, mask, weights, old_logprobs, values) -> PPOLossOutput:
+    """PPOLossOutput from the fused kernels' loss and per-token buffer (len(STATS), N)."""
     maskf = mask.reshape(-1).float()
     count = maskf.sum().clamp(min=1)
     token_mean = lambda t: (t * maskf).sum() / count  # noqa: E731

@@ -241,3 +241,15 @@ def ppo_loss(logits, labels, old_logprobs, advantages, mask, *, temperature=1.0,
     labels = torch.where(mask, labels, -100)
     lp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
     return ppo_loss_from_logprobs(lp, entropy, old_logprobs, advantages, mask, **options)
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, **options):
+    """token_logprobs of the logits hidden @ weight.T + bias."""
+    return token_logprobs(torch.nn.functional.linear(hidden, weight, bias), labels, **options)
+
+
+def linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None,
+                    **options):
+    """ppo_loss of the logits hidden @ weight.T + bias."""
+    return ppo_loss(torch.nn.functional.linear(hidden, weight, bias), labels, old_logprobs,
+                    advantages, mask, **options)

@@ -1,0 +1,347 @@
+"""Log-probs and the PPO loss straight from hidden states: `linear_token_logprobs` and
+`linear_ppo_loss`, the LM head's matmul fused with the token ops, no (N, V) logits in either direction.
+
+The rows (tokens) are processed in chunks. Per chunk: its logits `hidden_c @ weight.T + bias`
+(chunk x V, the only vocabulary-sized buffer), then the existing fused row kernels on them
+(`token_logprobs` / `ppo_loss`'s Triton, native C++ or reference backends), then, for gradients, the
+chunk's logit gradient turned into `d hidden_c = d logits_c @ weight` and accumulated into
+`d weight += d logits_c.T @ hidden_c` (and `d bias`). At most one chunk's logits (and, for
+linear_token_logprobs' backward, its gradient) live at a time.
+
+Cost (N tokens, hidden size H, vocabulary V; a matmul here is N x H x V multiply-adds):
+- linear_ppo_loss: 3 matmuls, the minimum (forward logits, d hidden, d weight). Its output is a
+  scalar, so the upstream gradient is a scalar known to scale everything: the gradients are
+  computed chunk by chunk during the forward and scaled in backward (as Liger-Kernel's fused linear
+  cross-entropy does). 2 without a weight gradient (a frozen LM head, LoRA).
+- linear_token_logprobs: 4 matmuls with gradients (forward; backward recomputes each chunk's logits,
+  then d hidden and d weight), 3 without a weight gradient, 1 without gradients (rollout forwards).
+  Its outputs are per token, so their gradient is unknown until backward: keeping the logits is
+  what this op avoids, so they are recomputed.
+- Memory traffic: the weight (V x H) is read once per chunk per matmul, the hidden states once per
+  matmul; the logits never leave the chunk. Chunks default to ceil(N / 32) rows, at least 64 (each
+  chunk's logits about 3% of the (N, V) float32 logits, the weight read ~32 times per matmul): fewer
+  rows would starve the matmuls, more would cost memory. `chunk_rows=` sets it.
+Byte floor: hidden (N x H) + weight (V x H) + outputs, read or written once per pass; FLOP floor:
+2 x N x H x V per matmul. On CPU the matmuls are ATen's (oneDNN/MKL), on GPU cuBLAS; the row passes
+are the existing kernels of the backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastppo.kernels import reference
+from fastppo.kernels._checks import (FLOAT_DTYPES, check_same_device, check_tensor,
+                                     check_token_inputs, resolve_backend)
+from fastppo.kernels.ppo_loss import (STATS, NativePPOLossFunction, PPOLossFunction,
+                                      PPOLossOptions, check_ppo_inputs, fused_inputs, summary)
+from fastppo.kernels.reference import PPOLossOutput
+from fastppo.kernels.token_logprobs import (NativeTokenLogprobsFunction, TokenLogprobsFunction,
+                                            token_logprobs)
+
+CHUNKS = 32       # default number of row chunks...
+MIN_CHUNK = 64    # ...of at least this many rows
+
+
+def _check_linear(hidden, weight, bias, labels) -> None:
+    check_tensor("hidden", hidden, FLOAT_DTYPES, "a floating-point")
+    check_tensor("weight", weight, FLOAT_DTYPES, "a floating-point")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be the LM head's (V, H) matrix with V >= 1; got shape "
+                         f"{tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden must have shape (..., H) with H = weight.shape[1] = "
+                         f"{weight.shape[1]}; got {tuple(hidden.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; "
+                         f"got {tuple(labels.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, FLOAT_DTYPES, "a floating-point")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},); got "
+                             f"{tuple(bias.shape)}")
+    check_same_device(hidden=hidden, weight=weight, labels=labels,
+                      **({} if bias is None else {"bias": bias}))
+
+
+def _matmul_dtype(hidden, weight) -> torch.dtype:
+    """The dtype the LM head's matmul runs in: autocast's when it is on (float16/bfloat16), else the
+    promoted dtype of hidden and weight."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (
+            torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return torch.result_type(hidden, weight)
+
+
+def _stand_in(hidden, weight, labels) -> torch.Tensor:
+    """A zero-size tensor of the logits' shape (labels.shape + (V,)), dtype and device, for the
+    checks the logits ops share (no memory: an expanded scalar)."""
+    return hidden.new_zeros((), dtype=_matmul_dtype(hidden, weight)).expand(*labels.shape,
+                                                                           weight.shape[0])
+
+
+def _chunk_rows(n: int, chunk_rows: int | None) -> int:
+    if chunk_rows is None:
+        return max(1, min(n, max(MIN_CHUNK, math.ceil(n / CHUNKS))))
+    if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be an int >= 1 or None; got {chunk_rows!r}")
+    return chunk_rows
+
+
+class _Head:
+    """The LM head at the dtype the matmuls run in: autocast's (cast once, as autocast would for
+    each call), else the promoted dtype of hidden and weight. Used with autocast off, so that the
+    forward and backward recompute the same logits whatever autocast state backward runs under."""
+
+    def __init__(self, hidden, weight, bias):
+        self.dtype, self.device = _matmul_dtype(hidden, weight), hidden.device.type
+        self.weight = weight.detach().to(self.dtype)
+        self.bias = None if bias is None else bias.detach().to(self.dtype)
+
+    def logits(self, hidden_rows):
+        return F.linear(hidden_rows.detach().to(self.dtype), self.weight, self.bias)
+
+    def no_autocast(self):
+        return torch.autocast(self.device, enabled=False)
+
+
+def _accumulate(head, hidden_rows, grad_logits, grad_hidden, grad_weight, grad_bias, rows):
+    """d hidden of the chunk's rows, and its share of d weight and d bias (float32 sums)."""
+    if grad_hidden is not None:
+        grad_hidden[rows] = (grad_logits @ head.weight).to(grad_hidden.dtype)
+    if grad_weight is not None:  # float32 operands: no (V, H) temporary in the matmul's dtype
+        grad_weight.addmm_(grad_logits.t().float(), hidden_rows.detach().to(head.dtype).float())
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0, dtype=torch.float32)
+
+
+def _grad_buffers(needs, hidden, weight, bias):
+    """Buffers for the gradients autograd asked for (needs: hidden, weight, bias)."""
+    return (torch.empty_like(hidden) if needs[0] else None,
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None,
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            if needs[2] and bias is not None else None)
+
+
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    """(N, H) hidden -> (N,) log-probs and entropies, chunk by chunk; backward recomputes each
+    chunk's logits. Row passes: the backend's token_logprobs kernels."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
+                backend, chunk):
+        head = _Head(hidden, weight, bias)
+        n = hidden.shape[0]
+        logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros_like(logprobs)
+        with head.no_autocast(), torch.no_grad():
+            for start in range(0, n, chunk):
+                rows = slice(start, min(n, start + chunk))
+                out = token_logprobs(head.logits(hidden[rows]), labels[rows],
+                                     temperature=temperature, ignore_index=ignore_index,
+                                     return_entropy=return_entropy, validate=False, backend=backend)
+                logprobs[rows], entropy[rows] = out if return_entropy else (out, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.head, ctx.chunk, ctx.backend = head, chunk, backend
+        ctx.options = (temperature, ignore_index, return_entropy)
+        ctx.set_materialize_grads(False)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        head, chunk, backend = ctx.head, ctx.chunk, ctx.backend
+        temperature, ignore_index, return_entropy = ctx.options
+        grad_hidden, grad_weight, grad_bias = _grad_buffers(ctx.needs_input_grad, hidden, weight,
+                                                            bias)
+        n = hidden.shape[0]
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        with_entropy = return_entropy and grad_entropy is not None
+        for start in range(0, n, chunk):
+            rows = slice(start, min(n, start + chunk))
+            with head.no_autocast(), torch.enable_grad():
+                logits = head.logits(hidden[rows]).requires_grad_()
+                if backend == "native":  # the gradient written over the recomputed logits
+                    lp, ent = NativeTokenLogprobsFunction.apply(
+                        logits, labels[rows], temperature, ignore_index, with_entropy, True)
+                elif backend == "triton":
+                    lp, ent = TokenLogprobsFunction.apply(logits, labels[rows], temperature,
+                                                          ignore_index, with_entropy)
+                else:
+                    out = token_logprobs(logits, labels[rows], temperature=temperature,
+                                         ignore_index=ignore_index, return_entropy=with_entropy,
+                                         validate=False, backend="torch")
+                    lp, ent = out if with_entropy else (out, None)
+                outputs, grads = [lp], [grad_logprobs[rows]]
+                if with_entropy:
+                    outputs.append(ent)
+                    grads.append(grad_entropy[rows])
+                (grad_logits,) = torch.autograd.grad(outputs, [logits], grads)
+                _accumulate(head, hidden[rows], grad_logits, grad_hidden, grad_weight, grad_bias,
+                            rows)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return (grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias)) + (None,) * 6
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    validate: bool = True,
+    backend: str = "auto",
+    chunk_rows: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs(hidden @ weight.T + bias, labels, ...)` without materialising the logits.
+
+    Args:
+        hidden: (..., H) floating: the last hidden states at the positions whose next token is
+            scored. Under torch.autocast the matmuls run in autocast's dtype, as the LM head would.
+        weight: (V, H), the LM head's weight (tied to the embedding or not: gradients of both uses
+            add up in the shared parameter). bias: (V,) or None.
+        labels, temperature, ignore_index, return_entropy, validate, backend: as in token_logprobs.
+        chunk_rows: rows per chunk (default: ceil(N / 32), at least 64); see the module docstring.
+
+    Returns: float32 log-probs of labels.shape (and the entropy), differentiable in hidden, weight
+    and bias. Cost: 1 matmul of N x H x V without gradients, 4 with (3 for a frozen weight).
+    """
+    _check_linear(hidden, weight, bias, labels)
+    temperature = check_token_inputs(_stand_in(hidden, weight, labels), labels, temperature,
+                                     ignore_index, validate)
+    backend = resolve_backend(backend, hidden.device, native_dtype=_matmul_dtype(hidden, weight))
+    shape = labels.shape
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    labels1 = labels.reshape(-1)
+    chunk = _chunk_rows(labels1.numel(), chunk_rows)
+    lp, ent = LinearTokenLogprobsFunction.apply(hidden2, weight, bias, labels1, temperature,
+                                                ignore_index, bool(return_entropy), backend, chunk)
+    return (lp.view(shape), ent.view(shape)) if return_entropy else lp.view(shape)
+
+
+class LinearPPOLossFunction(torch.autograd.Function):
+    """(N, H) hidden -> the PPO loss and the per-token buffer, chunk by chunk, with the gradients of
+    hidden, weight, bias and values computed in the same pass (the loss is a scalar: backward only
+    scales them). Row passes: the backend's fused ppo_loss kernels, the gradient written over each
+    chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, values, labels, mask, weights, old_lp, adv, old_values,
+                returns, ref_lp, opts, native, chunk, needs):
+        head = _Head(hidden, weight, bias)
+        n = hidden.shape[0]
+        grad_hidden, grad_weight, grad_bias = _grad_buffers(needs, hidden, weight, bias)
+        grad_values = torch.empty_like(values) if needs[3] else None
+        function = NativePPOLossFunction if native else PPOLossFunction
+        opts = dataclasses.replace(opts, inplace_backward=True)  # into our own logits chunk
+        loss, stats = torch.zeros((), dtype=torch.float64, device=hidden.device), []
+        pick = lambda t, rows: None if t is None else t[rows]  # noqa: E731
+        for start in range(0, n, chunk):
+            rows = slice(start, min(n, start + chunk))
+            with head.no_autocast(), torch.enable_grad():
+                logits = head.logits(hidden[rows]).requires_grad_(any(needs))
+                v = None if values is None else values[rows].detach().requires_grad_(needs[3])
+                chunk_loss, chunk_stats = function.apply(
+                    logits, v, labels[rows], mask[rows], weights[rows], old_lp[rows], adv[rows],
+                    pick(old_values, rows), pick(returns, rows), pick(ref_lp, rows), opts)
+                if any(needs):
+                    wrt = [logits] + ([v] if needs[3] else [])
+                    grads = torch.autograd.grad(chunk_loss, wrt)
+                    _accumulate(head, hidden[rows], grads[0], grad_hidden, grad_weight, grad_bias,
+                                rows)
+                    if needs[3]:
+                        grad_values[rows] = grads[1]
+            loss += chunk_loss.detach().double()
+            stats.append(chunk_stats.detach())
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_values)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        stats = torch.cat(stats, 1) if stats else torch.zeros((len(STATS), 0), device=hidden.device)
+        ctx.mark_non_differentiable(stats)
+        return loss.float(), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grad_hidden, grad_weight, grad_bias, grad_values = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        scale = lambda g, dtype=None: None if g is None else (  # noqa: E731
+            grad_loss.to(g.dtype) * g).to(dtype or g.dtype)
+        return (scale(grad_hidden), scale(grad_weight, weight_dtype),
+                scale(grad_bias, bias_dtype), scale(grad_values)) + (None,) * 12
+
+
+def linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    clip_eps: float | None = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    value_clip: float | None = 0.2,
+    vf_coef: float = 0.1,
+    entropy_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    sampler_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
+    temperature: float = 1.0,
+    reduction: str = "token-mean",
+    backend: str = "auto",
+    chunk_rows: int | None = None,
+) -> PPOLossOutput:
+    """`ppo_loss(hidden @ weight.T + bias, labels, ...)` without materialising the logits: every
+    option, reduction and output field of `ppo_loss` (see it), with hidden (..., H), weight (V, H)
+    and bias (V,) in place of the logits. Differentiable in hidden, weight, bias and values.
+
+    Cost: 3 matmuls of N x H x V with gradients (computed during the forward: the loss is a
+    scalar), 2 for a frozen weight, 1 without gradients. backend="torch" is the reference in
+    chunks: linear_token_logprobs (4 matmuls) then the reference's per-token terms.
+    """
+    labels_in = labels
+    _check_linear(hidden, weight, bias, labels)
+    opts = PPOLossOptions(
+        temperature=temperature, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+        dual_clip=dual_clip, value_clip=value_clip, vf_coef=vf_coef, entropy_coef=entropy_coef,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, reduction=reduction, tis_cap=tis_cap)
+    tensors = dict(old_logprobs=old_logprobs, advantages=advantages, values=values,
+                   old_values=old_values, returns=returns, ref_logprobs=ref_logprobs,
+                   sampler_logprobs=sampler_logprobs)
+    labels = check_ppo_inputs(_stand_in(hidden, weight, labels_in), labels_in, mask, opts, **tensors)
+    backend = resolve_backend(backend, hidden.device, native_dtype=_matmul_dtype(hidden, weight))
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    chunk = _chunk_rows(labels.numel(), chunk_rows)
+    if backend == "torch":
+        lp, entropy = linear_token_logprobs(hidden2, weight, labels.reshape(-1), bias=bias,
+                                            temperature=opts.temperature, return_entropy=True,
+                                            validate=False, backend="torch", chunk_rows=chunk)
+        return reference.ppo_loss_from_logprobs(lp.view(labels.shape), entropy.view(labels.shape),
+                                                mask=mask, **tensors, **opts.reference_terms())
+
+    weights, advantages = fused_inputs(mask, opts, old_logprobs, advantages, sampler_logprobs)
+    flat = lambda t, dtype=None: None if t is None else t.reshape(-1).to(  # noqa: E731
+        dtype or t.dtype).contiguous()
+    values1 = flat(values)
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and t is not None and t.requires_grad
+                  for t in (hidden2, weight, bias, values1))
+    loss, stats = LinearPPOLossFunction.apply(
+        hidden2, weight, bias, values1, flat(labels), flat(mask), flat(weights),
+        flat(old_logprobs), flat(advantages), flat(old_values), flat(returns), flat(ref_logprobs),
+        opts, backend == "native", chunk, needs)
+    return summary(loss, stats, mask, weights, old_logprobs, values)

@@ -61,6 +61,11 @@ class ModelOptions:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
     own checkpointing): less memory for about one more forward pass of time."""
+    fused_linear: bool = True
+    """Compute log-probs and the PPO loss from the last hidden states and the LM head's weight
+    (fastppo.kernels.linear_token_logprobs / linear_ppo_loss): no (tokens, vocabulary) logits,
+    forward or backward. Applies where the LM head is a plain linear layer in one process; elsewhere
+    (torchrun, a LoRA-adapted or transformed head) the logits path runs."""
     lora_rank: int = 0
     """Train LoRA adapters of this rank (peft, the `lora` extra) instead of every weight; 0: full
     fine-tuning. The value and score heads stay fully trainable."""

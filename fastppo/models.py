@@ -21,6 +21,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           LlamaConfig, PretrainedConfig)
 from transformers.utils import logging as hf_logging
 
+from fastppo.kernels import linear_token_logprobs, token_logprobs
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -203,6 +205,40 @@ def in_float32(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         return head(hidden.float())
 
 
+# Config fields of families whose LM head output is transformed before use (Gemma 2's soft-capping,
+# Cohere's logit scale, ...): the fused linear path would skip the transformation.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale",
+                     "logits_scaling", "mup_width_multiplier")
+
+
+def fusable_head(lm, enabled: bool = True) -> nn.Linear | None:
+    """The LM head when log-probs can come straight from hidden states and its weight
+    (fastppo.kernels.linear_*, no (N, V) logits): a plain nn.Linear whose output the model uses as
+    it is, with unsharded parameters (FSDP2 shards them under torchrun). None: use the logits."""
+    head = lm.get_output_embeddings()
+    if not enabled or type(head) is not nn.Linear:
+        return None
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    if any(type(p) is not nn.Parameter or type(p.data) is not torch.Tensor
+           for p in head.parameters()):  # a DTensor: sharded
+        return None
+    return head
+
+
+def head_logprobs(out, head: nn.Linear | None, labels, *, temperature: float = 1.0,
+                  return_entropy: bool = False):
+    """Per-token log-probs (float32) of `labels` from a model's output: logits (head None), or
+    hidden states through the fused head (call it under the forward's precision context: the head's
+    matmul runs at autocast's dtype as the LM head would)."""
+    if head is None:
+        return token_logprobs(out, labels, temperature=temperature, return_entropy=return_entropy,
+                              validate=False)
+    return linear_token_logprobs(out, head.weight, labels, bias=head.bias, temperature=temperature,
+                                 return_entropy=return_entropy, validate=False)
+
+
 def enable_gradient_checkpointing(lm) -> None:
     """transformers' own gradient checkpointing on `lm`'s decoder layers (non-reentrant)."""
     if not lm.supports_gradient_checkpointing:
@@ -373,13 +409,16 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, positions: slice = slice(None)):
+    def forward(self, input_ids, attention_mask, positions: slice = slice(None),
+                hidden_only: bool = False):
         """(logits, values) at `positions` only: the LM head, the largest matmul of a small model,
-        is not spent on prompt positions nobody reads."""
+        is not spent on prompt positions nobody reads. hidden_only: (last hidden states, values),
+        for the fused linear ops (fusable_head)."""
         hidden = hidden_at(self.lm, input_ids, attention_mask, positions)
-        logits = self.lm.get_output_embeddings()(hidden)
         values = in_float32(self.value_head, hidden).squeeze(-1).clone()  # not a view: FSDP2 hooks outputs
-        return logits, values
+        if hidden_only:
+            return hidden, values
+        return self.lm.get_output_embeddings()(hidden), values
 
 
 class RewardModel(nn.Module):
@@ -457,5 +496,8 @@ class LogitsAt(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, positions: slice = slice(None)):
+    def forward(self, input_ids, attention_mask, positions: slice = slice(None),
+                hidden_only: bool = False):
+        if hidden_only:  # for the fused linear ops (fusable_head)
+            return hidden_at(self.lm, input_ids, attention_mask, positions)
         return lm_logits(self.lm, input_ids, attention_mask, positions)

@@ -26,13 +26,13 @@ from transformers import AutoTokenizer
 from fastppo import distributed, run
 from fastppo.config import PPOConfig
 from fastppo.data import Batch, encode_prompts, limit_prompts, read_jsonl, special_ids
-from fastppo.kernels import gae, kl_rewards, masked_whiten, ppo_loss, token_logprobs
+from fastppo.kernels import gae, kl_rewards, linear_ppo_loss, masked_whiten, ppo_loss
 from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
 from fastppo.models import (ADAPTER, ActorCritic, LogitsAt, adapters_off, add_lora,
                             check_fits_context, check_model_dir, check_reward_model_dir,
                             check_same_tokenizer, enable_gradient_checkpointing, eval_mode,
-                            load_adapter, load_lm, load_reward_model, plain_state, precision,
-                            save_model, value_head_state)
+                            fusable_head, head_logprobs, load_adapter, load_lm, load_reward_model,
+                            plain_state, precision, save_model, value_head_state)
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
 
@@ -91,18 +91,19 @@ def make_rollout(cfg: PPOConfig, model: ActorCritic, *, eos: int, pad: int, long
 
 def without_adapters(model: ActorCritic):
     """PPO's reference under LoRA: the policy's own forward with every adapter off (through the
-    actor-critic, so that FSDP2 gathers its root), its logits only."""
-    def logits(input_ids, attention_mask, positions):
+    actor-critic, so that FSDP2 gathers its root), its logits (or hidden states) only."""
+    def logits(input_ids, attention_mask, positions, hidden_only=False):
         with adapters_off(model.lm):
-            return model(input_ids, attention_mask, positions)[0]
+            return model(input_ids, attention_mask, positions, hidden_only=hidden_only)[0]
     return logits
 
 
 @torch.no_grad()
-def rollout_forward(model, reference, reward_model, batch, order, cfg, temperature):
+def rollout_forward(model, reference, reward_model, batch, order, cfg, temperature, heads):
     """Old log-probs and values (actor-critic), reference log-probs, scores: one no-grad pass each,
     in the mini-batches of the first PPO epoch (`order`; each rank takes its share of each), at the
-    sampling temperature. Every rank ends with the whole batch's."""
+    sampling temperature. Every rank ends with the whole batch's. heads: the policy's and the
+    reference's fusable LM heads (None: from logits)."""
     B, R = batch.response_mask.shape
     old_logprobs = torch.zeros(B, R, device=cfg.device)
     values, ref_logprobs = torch.zeros_like(old_logprobs), torch.zeros_like(old_logprobs)
@@ -113,14 +114,14 @@ def rollout_forward(model, reference, reward_model, batch, order, cfg, temperatu
         mb = batch.select(idx)
         labels = mb.responses.masked_fill(~mb.response_mask, -100)
         with precision(cfg.device, cfg.dtype):  # as in training: the same logits, bit for bit
-            logits, values[idx] = model(mb.input_ids, mb.attention_mask, mb.response_positions)
-        old_logprobs[idx] = token_logprobs(logits, labels, temperature=temperature,
-                                           validate=False)
+            states, values[idx] = model(mb.input_ids, mb.attention_mask, mb.response_positions,
+                                        hidden_only=heads[0] is not None)
+            old_logprobs[idx] = head_logprobs(states, heads[0], labels, temperature=temperature)
         t0 = time.perf_counter()
         with precision(cfg.device, cfg.dtype):
-            ref = reference(mb.input_ids, mb.attention_mask, mb.response_positions)
-        ref_logprobs[idx] = token_logprobs(ref, labels, temperature=temperature,
-                                           validate=False)
+            ref = reference(mb.input_ids, mb.attention_mask, mb.response_positions,
+                            hidden_only=heads[1] is not None)
+            ref_logprobs[idx] = head_logprobs(ref, heads[1], labels, temperature=temperature)
         t1 = time.perf_counter()
         with precision(cfg.device, cfg.dtype):
             scores[idx] = reward_model(mb.input_ids, mb.attention_mask).float()
@@ -181,6 +182,11 @@ def train_ppo(cfg: PPOConfig) -> Path:
         model.reshard()
     rollout = make_rollout(cfg, model, eos=eos, pad=pad, longest=longest)
     temperature = rollout.sampling.temperature
+    # Log-probs and the loss straight from hidden states where the LM heads allow (no logits); under
+    # torchrun FSDP2 shards the heads, and the logits path runs.
+    fused = cfg.fused_linear and distributed.world() == 1
+    head = fusable_head(model.lm, fused)
+    heads = (head, head if cfg.lora_rank else fusable_head(reference.lm, fused))
 
     def write_model(directory, state):
         save_model(model, tokenizer, directory, state)
@@ -225,7 +231,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
         epoch_orders = [torch.randperm(cfg.batch_size, generator=generator)
                         for _ in range(cfg.ppo_epochs)]
         old_logprobs, old_values, ref_logprobs, scores, timings = rollout_forward(
-            model, reference, reward_model, batch, epoch_orders[0], cfg, temperature)
+            model, reference, reward_model, batch, epoch_orders[0], cfg, temperature, heads)
 
         # 3. Rewards and advantages.
         rewards = kl_rewards(old_logprobs, ref_logprobs, scores, mask, kl_coef=kl_coef,
@@ -243,20 +249,30 @@ def train_ppo(cfg: PPOConfig) -> Path:
                 tokens = mask[order[i:i + cfg.mini_batch_size]].sum().clamp(min=1)
                 idx = distributed.my_rows(order[i:i + cfg.mini_batch_size])
                 mb = batch.select(idx)
-                with precision(cfg.device, cfg.dtype):  # bf16 logits; the loss in float32
-                    logits, values = model(mb.input_ids, mb.attention_mask, mb.response_positions)
-                out_loss = ppo_loss(
-                    logits, mb.responses, old_logprobs[idx], advantages[idx],
-                    mb.response_mask, values=values,
-                    old_values=old_values[idx], returns=returns[idx], clip_eps=cfg.clip_eps,
-                    value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, entropy_coef=cfg.entropy_coef,
-                    temperature=temperature, reduction="sum", tis_cap=cfg.tis_cap,
+                options = dict(
+                    old_values=old_values[idx], returns=returns[idx],
+                    clip_eps=cfg.clip_eps, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
+                    entropy_coef=cfg.entropy_coef, temperature=temperature, reduction="sum",
+                    tis_cap=cfg.tis_cap,
                     sampler_logprobs=None if cfg.tis_cap is None else mb.sampler_logprobs)
+                with precision(cfg.device, cfg.dtype):  # bf16 matmuls; the loss in float32
+                    # logits, or the last hidden states for the fused LM head
+                    states, values = model(mb.input_ids, mb.attention_mask, mb.response_positions,
+                                           hidden_only=head is not None)
+                    if head is None:
+                        out_loss = ppo_loss(states, mb.responses, old_logprobs[idx],
+                                            advantages[idx], mb.response_mask, values=values,
+                                            **options)
+                    else:  # no logits: hidden states through the LM head's weight, fused
+                        out_loss = linear_ppo_loss(states, head.weight, mb.responses,
+                                                   old_logprobs[idx], advantages[idx],
+                                                   mb.response_mask, bias=head.bias, values=values,
+                                                   **options)
                 loss = distributed.share_of_mean(out_loss.loss, tokens)
                 if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
-                    with torch.no_grad():
-                        lp = token_logprobs(logits, mb.responses.masked_fill(
-                            ~mb.response_mask, -100), temperature=temperature, validate=False)
+                    with torch.no_grad(), precision(cfg.device, cfg.dtype):
+                        lp = head_logprobs(states.detach(), head, mb.responses.masked_fill(
+                            ~mb.response_mask, -100), temperature=temperature)
                         ratio = torch.exp(lp - old_logprobs[idx])[mb.response_mask]
                         first_ratio_error = distributed.max_over_ranks(
                             (ratio - 1).abs().max().item() if ratio.numel() else 0.0, cfg.device)

@@ -12,11 +12,10 @@ from fastppo import distributed, run
 from fastppo.config import SFTConfig
 from fastppo.data import (encode_prompts, encode_responses, limit_prompts, pack, read_jsonl,
                           special_ids)
-from fastppo.kernels import token_logprobs
 from fastppo.metrics import MetricsLog, plot
 from fastppo.models import (ADAPTER, LogitsAt, add_lora, check_fits_context, check_model_dir,
-                            enable_gradient_checkpointing, load_adapter, load_lm, precision,
-                            save_model)
+                            enable_gradient_checkpointing, fusable_head, head_logprobs,
+                            load_adapter, load_lm, precision, save_model)
 
 
 @run.owns_output  # cfg.out: locked for this run, resume/overwrite checked, config.yaml saved
@@ -42,6 +41,8 @@ def train_sft(cfg: SFTConfig) -> Path:
         distributed.shard(policy, policy.lm)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   fused=True)
+    # None: log-probs from logits (under torchrun FSDP2 shards the LM head)
+    head = fusable_head(policy.lm, cfg.fused_linear and distributed.world() == 1)
 
     def write_model(directory, state):
         save_model(policy, tokenizer, directory, state)
@@ -69,10 +70,12 @@ def train_sft(cfg: SFTConfig) -> Path:
                      pad).to(cfg.device)
         tokens = batch.response_mask.sum()  # the global batch's; each rank sums its share of them
         mb = batch.select(distributed.my_rows(torch.arange(cfg.batch_size)))
-        with precision(cfg.device, cfg.dtype):  # bf16 logits; log-probs in float32 below
-            logits = policy(mb.input_ids, mb.attention_mask, mb.response_positions)
         labels = mb.responses.masked_fill(~mb.response_mask, -100)
-        logprobs = token_logprobs(logits, labels, validate=False)
+        with precision(cfg.device, cfg.dtype):  # bf16 matmuls; log-probs in float32
+            # logits, or the last hidden states for the fused LM head (no logits)
+            states = policy(mb.input_ids, mb.attention_mask, mb.response_positions,
+                            hidden_only=head is not None)
+            logprobs = head_logprobs(states, head, labels)
         loss = distributed.share_of_mean(-logprobs.sum(), tokens)
         loss_value = distributed.summed(loss.detach()) / distributed.world()
         run.stop_if_not_finite(loss_value, cfg.out, what="SFT loss", at=f"step {step}")

@@ -137,15 +137,17 @@ def test_resume_without_checkpoint_is_refused(small_run, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_run, tmp_path, monkeypatch):
     out, _ = small_run
     calls = {"n": 0}
-    real = ppo.ppo_loss
 
-    def poisoned(*args, **kwargs):
-        result = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] > 2 * 2 * 2:  # iterations 0 and 1 (2 epochs x 2 mini-batches) are fine
-            return replace(result, loss=result.loss * float("nan"))
-        return result
-    monkeypatch.setattr(ppo, "ppo_loss", poisoned)
+    def poison(real):
+        def poisoned(*args, **kwargs):
+            result = real(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] > 2 * 2 * 2:  # iterations 0 and 1 (2 epochs x 2 mini-batches) are fine
+                return replace(result, loss=result.loss * float("nan"))
+            return result
+        return poisoned
+    for name in ("ppo_loss", "linear_ppo_loss"):  # the logits path, or the fused LM head's
+        monkeypatch.setattr(ppo, name, poison(getattr(ppo, name)))
     with pytest.raises(RuntimeError, match="PPO loss is not finite at iteration 2"):
         ppo.train_ppo(ppo_config(out, tmp_path / "nan"))
     state = load_state(tmp_path / "nan" / "checkpoint")
@@ -185,13 +187,13 @@ def test_non_finite_gradient_stops_before_the_step(small_run, tmp_path, monkeypa
     # NaN weight is ever written (before: step 2 wrote NaN weights into the checkpoint of step 3).
     from fastppo import sft
 
-    calls, real = {"n": 0}, sft.token_logprobs
+    calls, real = {"n": 0}, sft.head_logprobs
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         lp = real(*args, **kwargs)
         return NaNGradient.apply(lp) if calls["n"] == 3 else lp
-    monkeypatch.setattr(sft, "token_logprobs", poisoned)
+    monkeypatch.setattr(sft, "head_logprobs", poisoned)
     with pytest.raises(RuntimeError, match="SFT gradient norm is not finite at step 2"):
         sft_run(small_run, tmp_path / "run")
     assert_last_good_checkpoint(tmp_path / "run" / "checkpoint", 2)

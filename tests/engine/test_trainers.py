@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import SMALL
@@ -332,3 +333,33 @@ def test_sft_and_rm_limit_prompts_as_ppo_does(small_run, tmp_path, stage):
         train(config("refused", max_prompt_length=16))
     train(config("cut", max_prompt_length=16, truncate_prompts=True))
     assert (tmp_path / "cut" / "checkpoint").is_dir()
+
+
+def test_fused_linear_path_equals_the_logits_path(small_run, tmp_path, monkeypatch):
+    # PPO with log-probs and the loss from hidden states (the default) against the logits path: the
+    # same run up to float32 rounding, and no (tokens, vocabulary) logits in the fused one (the LM
+    # head runs only on the sampler's last positions, 2-D inputs).
+    out, _ = small_run
+    ppo.train_ppo(ppo_config(out, tmp_path / "logits", iterations=2, fused_linear=False))
+    head_inputs, real = [], torch.nn.Linear.forward
+    vocab = AutoTokenizer.from_pretrained(out / "sft" / "checkpoint").__len__()
+
+    def watched(self, x):
+        if self.out_features == vocab:  # the LM head
+            head_inputs.append(x.dim())
+        return real(self, x)
+    monkeypatch.setattr(torch.nn.Linear, "forward", watched)
+    ppo.train_ppo(ppo_config(out, tmp_path / "fused", iterations=2))
+    assert head_inputs and set(head_inputs) == {2}
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text()
+                   .splitlines()] for name in ("logits", "fused")}
+    for a, b in zip(rows["logits"], rows["fused"]):
+        assert a["response_length"] == b["response_length"]
+        assert b["first_ratio_max_error"] <= 1e-5
+        for key in ("score_mean", "reward", "kl", "entropy", "policy_loss", "value_loss",
+                    "clipfrac", "approx_kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    wa = load_file(str(tmp_path / "logits" / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "fused" / "checkpoint" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-4)

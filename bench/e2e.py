@@ -1,7 +1,7 @@
 """End-to-end benchmark: PPO iterations on the fixed standard workload.
 
     python bench/e2e.py [--iterations 3] [--device cpu] [--dtype bfloat16] [--gradient_checkpointing]
-                        [--lora_rank 16] [--rollout_engine vllm]
+                        [--lora_rank 16] [--rollout_engine vllm] [--vocab 151936] [--no-fused_linear]
     python bench/e2e.py --hidden 1024 --layers 8 --response 64      # a larger workload
     torchrun --standalone --nproc_per_node 2 bench/e2e.py      # the same global batch on 2 ranks
 
@@ -38,15 +38,16 @@ from fastppo.ppo import train_ppo
 VOCAB, PROMPT, RESPONSE, PROMPTS = 32000, 16, 32, 16
 
 
-def workload(root: Path, seed: int, hidden: int = 256, layers: int = 4) -> tuple[Path, Path, Path]:
-    words = ["<pad>", "<unk>", "<bos>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 4)]
+def workload(root: Path, seed: int, hidden: int = 256, layers: int = 4,
+             vocab: int = VOCAB) -> tuple[Path, Path, Path]:
+    words = ["<pad>", "<unk>", "<bos>", "<eos>"] + [f"w{i}" for i in range(vocab - 4)]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(single="<bos> $A",
                                                         special_tokens=[("<bos>", 2)])  # as Llama's
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
                                   bos_token="<bos>", eos_token="<eos>")
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64,
                          num_key_value_heads=hidden // 64, max_position_embeddings=256,
                          pad_token_id=0, bos_token_id=2, eos_token_id=3)
@@ -60,7 +61,7 @@ def workload(root: Path, seed: int, hidden: int = 256, layers: int = 4) -> tuple
     tok.save_pretrained(root / "rm")
     rng = random.Random(seed)
     # 15 words + <bos> = 16 prompt tokens
-    rows = [{"prompt": " ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(PROMPT - 1))}
+    rows = [{"prompt": " ".join(f"w{rng.randrange(vocab - 4)}" for _ in range(PROMPT - 1))}
             for _ in range(PROMPTS)]
     write_jsonl(root / "prompts.jsonl", rows)
     return root / "policy", root / "rm", root / "prompts.jsonl"
@@ -78,12 +79,16 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4, help="policy and RM decoder layers")
     parser.add_argument("--response", type=int, default=RESPONSE, help="response tokens")
     parser.add_argument("--rollout_engine", default="hf", choices=["hf", "vllm"])
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size")
+    parser.add_argument("--no-fused_linear", dest="fused_linear", action="store_false",
+                        help="log-probs and loss from (tokens, vocabulary) logits, not fused")
     args = parser.parse_args(argv)
-    shape = f"h{args.hidden}-l{args.layers}-r{args.response}"
+    shape = f"h{args.hidden}-l{args.layers}-r{args.response}" + (
+        f"-v{args.vocab}" if args.vocab != VOCAB else "")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         # under torchrun: one identical copy per rank
-        policy, rm, prompts = workload(root, args.seed, args.hidden, args.layers)
+        policy, rm, prompts = workload(root, args.seed, args.hidden, args.layers, args.vocab)
         out = root / "run"
         if "TORCHELASTIC_RUN_ID" in os.environ:  # the ranks' one output folder
             out = Path(tempfile.gettempdir()) / f"fastppo-e2e-{os.environ['TORCHELASTIC_RUN_ID']}"
@@ -92,7 +97,8 @@ def main(argv=None):
                         mini_batch_size=PROMPTS // 2, ppo_epochs=4, max_new_tokens=args.response,
                         save_every=10**6, seed=args.seed, device=args.device, dtype=args.dtype,
                         gradient_checkpointing=args.gradient_checkpointing,
-                        lora_rank=args.lora_rank, rollout_engine=args.rollout_engine)
+                        lora_rank=args.lora_rank, rollout_engine=args.rollout_engine,
+                        fused_linear=args.fused_linear)
         train_ppo(cfg)
         if os.environ.get("RANK", "0") != "0":
             return 0  # under torchrun every rank trains; rank 0 reports
@@ -107,7 +113,8 @@ def main(argv=None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"fastppo, world {world}, {shape}, {args.dtype}"
           f"{', checkpointing' if args.gradient_checkpointing else ''}"
-          f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}, rollout "
+          f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}"
+          f"{'' if args.fused_linear else ', logits (not fused)'}, rollout "
           f"{args.rollout_engine}, {device_name(args.device)}: "
           + ", ".join(f"{k} {v:.3g}" if k.startswith("sampler") else f"{k} {v:.3f}"
                       for k, v in result.items()))
@@ -117,7 +124,7 @@ def main(argv=None):
                                 workload=shape, dtype=args.dtype,
                                 gradient_checkpointing=int(args.gradient_checkpointing),
                                 lora_rank=args.lora_rank, rollout_engine=args.rollout_engine,
-                                iterations=len(measured), **figures, allocator=allocator_env())])
+                                fused_linear=int(args.fused_linear), iterations=len(measured), **figures, allocator=allocator_env())])
     return 0
 
 

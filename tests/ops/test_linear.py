@@ -18,6 +18,14 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """The CPU path's vocabulary tiles 64 columns wide: several tiles on the small test vocabularies
+    (chunk_rows sets the other backends' row chunks)."""
+    import fastppo.kernels.linear as linear
+    monkeypatch.setattr(linear, "_vocab_tile", lambda n: 64)
+
+
 def assert_near(got, want, dtype, what):
     got, want = got.double(), want.double()
     scale = want.abs().max().clamp(min=1e-6)
@@ -55,7 +63,9 @@ def head_logits64(hidden, weight, bias, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk_rows", [None, 4])
-def test_token_logprobs_grid(backend, dtype, temperature, chunk_rows):
+def test_token_logprobs_grid(backend, dtype, temperature, chunk_rows, request):
+    if chunk_rows is not None:
+        request.getfixturevalue("small_tiles")
     hidden, weight, bias, labels = make_head((3, 7), 19, 301, dtype, seed=int(temperature * 10))
     h, w, b = leaves(hidden, weight, bias)
     lp, ent = linear_token_logprobs(h, w, labels, bias=b, temperature=temperature,
@@ -94,7 +104,7 @@ def test_token_logprobs_large_vocabulary_without_bias(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tied_embedding_and_head_gradients_add_up(backend):
+def test_tied_embedding_and_head_gradients_add_up(backend, small_tiles):
     # The LM head's weight is the embedding matrix: d weight is the sum over both uses.
     g = torch.Generator().manual_seed(5)
     V, H = 53, 12
@@ -177,14 +187,14 @@ def run_ppo_both(backend, dtype, reduction, options, *, seed=0, chunk_rows=3, gr
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["token-mean", "seq-mean-token-mean", "sum"])
 @pytest.mark.parametrize("options", list(OPTION_SETS), ids=list(OPTION_SETS))
-def test_ppo_loss_every_option_float32(backend, reduction, options):
+def test_ppo_loss_every_option_float32(backend, reduction, options, small_tiles):
     run_ppo_both(backend, torch.float32, reduction, OPTION_SETS[options],
                  seed=list(OPTION_SETS).index(options))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_ppo_loss_half_precision(backend, dtype):
+def test_ppo_loss_half_precision(backend, dtype, small_tiles):
     run_ppo_both(backend, dtype, "token-mean", OPTION_SETS["entropy+k3"], seed=7)
 
 

@@ -1,27 +1,27 @@
 """Log-probs and the PPO loss straight from hidden states: `linear_token_logprobs` and
 `linear_ppo_loss`, the LM head's matmul fused with the token ops, no (N, V) logits in either direction.
 
-Two ways through the (N, V) product, by backend:
-- GPU ("triton", and "torch", the reference): the rows (tokens) in chunks. Per chunk its logits
-  `hidden_c @ weight.T + bias` (chunk x V, the only vocabulary-sized buffer), the existing fused
-  row kernels on them, then `d hidden_c = d logits_c @ weight`, `d weight += d logits_c.T @ hidden_c`.
-  linear_ppo_loss returns a scalar, so its gradients are computed chunk by chunk during the forward
-  and only scaled in backward (as Liger-Kernel's fused linear cross-entropy does): 3 matmuls of
-  N x H x V, the minimum. cuBLAS runs a (chunk, H) x (H, V) product near peak; the row passes read
-  a chunk's logits once or twice, negligible next to its matmul.
-- CPU ("native"): vocabulary tiles of all N rows, an online softmax over the tiles (running max,
-  sum of exp, sum of exp x logit per row), and a backward that recomputes each tile's logits from
-  the saved log-sum-exp and writes that tile's rows of d weight directly. Measured on this project's
-  2-core CPU (1024 x 1024 x 32000, float32): a GEMM over 64-row chunks is 1.25x slower than the whole
-  product (the weight is packed again for every chunk), over 2048-column vocabulary tiles it is not.
-  The tiles' row passes are ATen elementwise ops on an ~8 MiB block (in cache). linear_ppo_loss
-  takes the log-probs and entropies from the tiles and adds the per-token PPO terms (N values).
-Matmuls of N x H x V: linear_token_logprobs 1 without gradients (the rollout's forwards), 4 with
-(backward recomputes the logits; 3 with a frozen weight, as under LoRA); linear_ppo_loss 3 on the
-row-chunk path, 4 on CPU. Its outputs being per token, linear_token_logprobs cannot know their
-gradient before backward, and keeping the logits is what it avoids.
-Memory: one chunk (default ceil(N / 32) rows, at least 64; `chunk_rows=`) or one tile (~8 MiB of
-float32, 256 to 4096 columns) of logits and a few temporaries of that size; never (N, V).
+Row chunks (every backend's forward, and linear_ppo_loss everywhere): the rows (tokens) in chunks;
+per chunk its logits `hidden_c @ weight.T + bias` (chunk x V, the only vocabulary-sized buffer), the
+backend's existing fused row kernels on them (Triton, native C++, or the reference's math), then
+`d hidden_c = d logits_c @ weight` and `d weight += d logits_c.T @ hidden_c`. linear_ppo_loss
+returns a scalar, so its gradients are computed chunk by chunk during the forward, into the chunk's
+own logits, and only scaled in backward (as Liger-Kernel's fused linear cross-entropy does): 3
+matmuls of N x H x V, the minimum (2 with a frozen weight, as under LoRA; 1 without gradients).
+Chunks: ceil(N / 32) rows (each ~3% of the logits), or as many rows as 24 MiB of float32 logits
+hold if that is more (`chunk_rows=` sets it): small batches run in one chunk at full matmul speed,
+large ones in chunks. The rollout's forward and the training loss chunk a mini-batch identically,
+so their logits, and log-probs, are the same bit for bit (ratio = 1).
+
+linear_token_logprobs' gradient: its outputs are per token, so their gradient is unknown until
+backward, and keeping the logits is what this op avoids: backward recomputes them, 4 matmuls in all
+(3 with a frozen weight). On CPU ("native") with gradients the vocabulary is tiled instead of the
+rows: all N rows per tile, an online softmax over the tiles (running max, sum of exp, sum of
+exp x logit per row), a backward that recomputes each tile from the saved log-sum-exp and writes
+that tile's rows of d weight directly. Measured on this project's 2-core CPU (1024 x 1024 x 32000,
+float32): a GEMM over 64-row chunks is 1.25x slower than the whole product (the weight is packed
+again for every chunk), over 2048-column vocabulary tiles it is not. Tiles hold ~4 MiB of float32.
+
 Byte floor: hidden (N x H) and weight (V x H) read once per matmul, their gradients written once;
 FLOP floor: 2 N H V per matmul.
 """
@@ -42,8 +42,8 @@ from fastppo.kernels.reference import PPOLossOutput
 from fastppo.kernels.token_logprobs import (NativeTokenLogprobsFunction, TokenLogprobsFunction,
                                             token_logprobs)
 
-CHUNKS = 32       # default number of row chunks...
-MIN_CHUNK = 64    # ...of at least this many rows
+CHUNKS = 32                     # default: N / 32 rows per chunk (each ~3% of the logits)...
+CHUNK_FLOOR_BYTES = 24 * 2**20  # ...or as many rows as 24 MiB of float32 logits hold, if more
 
 
 def _check_linear(hidden, weight, bias, labels) -> None:
@@ -84,9 +84,12 @@ def _stand_in(hidden, weight, labels) -> torch.Tensor:
                                                                            weight.shape[0])
 
 
-def _chunk_rows(n: int, chunk_rows: int | None) -> int:
+def _chunk_rows(n: int, vocab: int, chunk_rows: int | None) -> int:
+    """Rows per chunk: ceil(N / 32), or the rows 24 MiB of float32 logits hold if that is more (a
+    small batch runs in one chunk: full-size matmuls, logits no larger than 24 MiB)."""
     if chunk_rows is None:
-        return max(1, min(n, max(MIN_CHUNK, math.ceil(n / CHUNKS))))
+        floor = CHUNK_FLOOR_BYTES // (4 * vocab)
+        return max(1, min(n, max(floor, math.ceil(n / CHUNKS))))
     if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be an int >= 1 or None; got {chunk_rows!r}")
     return chunk_rows
@@ -194,13 +197,19 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
 
 # ----------------------------------------------------------------------- CPU: vocabulary tiles
 
-VOCAB_TILE_BYTES = 8 * 2**20  # a float32 (N, tile) block of logits
+VOCAB_TILE_BYTES = 4 * 2**20  # a float32 (N, tile) block of logits
 
 
 def _vocab_tile(n: int) -> int:
-    """Columns per vocabulary tile on CPU: an (N, tile) float32 block of ~8 MiB (in cache), between
+    """Columns per vocabulary tile on CPU: an (N, tile) float32 block of ~4 MiB (in cache), between
     256 and 4096 columns (a multiple of 64)."""
     return max(256, min(4096, VOCAB_TILE_BYTES // (4 * max(n, 1)) // 64 * 64))
+
+
+def _scaled(logits, temperature):
+    """The tile's logits / T in float32 (in place when the matmul gave float32)."""
+    z = logits.float()
+    return z if temperature == 1.0 else z.div_(temperature)
 
 
 class TiledLinearTokenLogprobsFunction(torch.autograd.Function):
@@ -223,12 +232,12 @@ class TiledLinearTokenLogprobsFunction(torch.autograd.Function):
             h = hidden.detach().to(head.dtype)
             for start in range(0, vocab, tile):
                 cols = slice(start, min(vocab, start + tile))
-                z = head.tile_logits(h, cols).float().div_(temperature)
-                new_max = torch.maximum(row_max, z.max(-1).values)
+                z = _scaled(head.tile_logits(h, cols), temperature)
+                new_max = torch.maximum(row_max, z.amax(-1))
                 rescale = torch.exp(row_max - new_max)
-                e = torch.exp(z - new_max[:, None])
+                e = torch.sub(z, new_max[:, None]).exp_()  # one temporary per tile
                 sum_exp.mul_(rescale).add_(e.sum(-1))
-                sum_exp_z.mul_(rescale).add_((e * z).sum(-1))
+                sum_exp_z.mul_(rescale).add_((e[:, None, :] @ z[:, :, None]).view(-1))
                 row_max = new_max
                 here = valid & (labels >= cols.start) & (labels < cols.stop)
                 rows = here.nonzero().squeeze(-1)
@@ -261,9 +270,10 @@ class TiledLinearTokenLogprobsFunction(torch.autograd.Function):
             h = hidden.detach().to(head.dtype)
             for start in range(0, vocab, tile):
                 cols = slice(start, min(vocab, start + tile))
-                z = head.tile_logits(h, cols).float().div_(temperature)
-                p = torch.exp(z - log_sum[:, None])
-                dz = p.mul_(-(g_lp[:, None] + g_h[:, None] * (z + shift[:, None])))
+                z = _scaled(head.tile_logits(h, cols), temperature)
+                p = torch.sub(z, log_sum[:, None]).exp_()
+                # in place over z: -(g_lp + g_h (z + H - lse)), then times p
+                dz = p.mul_(z.add_(shift[:, None]).mul_(g_h[:, None]).add_(g_lp[:, None]).neg_())
                 here = valid & (labels >= cols.start) & (labels < cols.stop)
                 rows = here.nonzero().squeeze(-1)
                 dz[rows, labels[rows] - cols.start] += g_lp[rows]
@@ -302,14 +312,14 @@ def linear_token_logprobs(
         weight: (V, H), the LM head's weight (tied to the embedding or not: gradients of both uses
             add up in the shared parameter). bias: (V,) or None.
         labels, temperature, ignore_index, return_entropy, validate, backend: as in token_logprobs.
-        chunk_rows: rows per chunk on the row-chunk backends ("triton", "torch"; default ceil(N / 32),
-            at least 64); the CPU "native" path tiles the vocabulary instead. See the module
+        chunk_rows: rows per chunk (default: ceil(N / 32), or the rows 24 MiB of float32 logits
+            hold if more); the CPU "native" backward tiles the vocabulary instead. See the module
             docstring.
 
     Returns: float32 log-probs of labels.shape (and the entropy), differentiable in hidden, weight
     and bias. Cost: 1 matmul of N x H x V without gradients, 4 with (3 for a frozen weight).
-    Backends: "native" (CPU: vocabulary tiles), "triton" (row chunks, the Triton row kernels),
-    "torch" (row chunks, the reference's row math), "auto".
+    Backends: "native" (CPU: row chunks and the C++ row kernels; vocabulary tiles with gradients),
+    "triton" (row chunks, the Triton row kernels), "torch" (row chunks, the reference), "auto".
     """
     _check_linear(hidden, weight, bias, labels)
     temperature = check_token_inputs(_stand_in(hidden, weight, labels), labels, temperature,
@@ -318,8 +328,10 @@ def linear_token_logprobs(
     shape = labels.shape
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     labels1 = labels.reshape(-1)
-    chunk = _chunk_rows(labels1.numel(), chunk_rows)
-    if backend == "native":  # CPU: vocabulary tiles (see TiledLinearTokenLogprobsFunction)
+    chunk = _chunk_rows(labels1.numel(), weight.shape[0], chunk_rows)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (hidden, weight, bias))
+    if backend == "native" and grad:  # CPU backward: vocabulary tiles (TiledLinear...Function)
         lp, ent = TiledLinearTokenLogprobsFunction.apply(hidden2, weight, bias, labels1, temperature,
                                                          ignore_index, bool(return_entropy))
     else:
@@ -411,10 +423,10 @@ def linear_ppo_loss(
     option, reduction and output field of `ppo_loss` (see it), with hidden (..., H), weight (V, H)
     and bias (V,) in place of the logits. Differentiable in hidden, weight, bias and values.
 
-    Cost: on the row-chunk path ("triton") 3 matmuls of N x H x V with gradients (computed during
-    the forward: the loss is a scalar), 2 for a frozen weight, 1 without gradients. On CPU
-    ("native") and for the reference ("torch"): linear_token_logprobs' log-probs and entropies
-    (4 matmuls with gradients), then the reference's per-token terms (N values).
+    Cost: 3 matmuls of N x H x V with gradients (computed during the forward: the loss is a
+    scalar), 2 for a frozen weight, 1 without gradients; "triton" and "native" run the fused
+    ppo_loss row kernels on each chunk. backend="torch" is the reference: linear_token_logprobs'
+    log-probs and entropies (4 matmuls), then the reference's per-token terms.
     """
     labels_in = labels
     _check_linear(hidden, weight, bias, labels)
@@ -428,8 +440,8 @@ def linear_ppo_loss(
     labels = check_ppo_inputs(_stand_in(hidden, weight, labels_in), labels_in, mask, opts, **tensors)
     backend = resolve_backend(backend, hidden.device, native_dtype=_matmul_dtype(hidden, weight))
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
-    chunk = _chunk_rows(labels.numel(), chunk_rows)
-    if backend in ("torch", "native"):  # log-probs and entropies, then the per-token terms
+    chunk = _chunk_rows(labels.numel(), weight.shape[0], chunk_rows)
+    if backend == "torch":  # the reference: log-probs and entropies, then the per-token terms
         lp, entropy = linear_token_logprobs(hidden2, weight, labels.reshape(-1), bias=bias,
                                             temperature=opts.temperature, return_entropy=True,
                                             validate=False, backend=backend, chunk_rows=chunk)

@@ -2,9 +2,10 @@
 chosen tokens at temperature 0.7 straight from hidden states and the LM head's weight, against the
 LM head's matmul followed by the logits ops.
 
-Inputs: hidden (N, H) and weight (V, H) of --dtype (standard normal, the weight scaled by 2/sqrt(H)),
-labels uniform in [0, V), for each of --rows x --hidden-size x --vocab whose (N, V) float32 logits fit
-in --max-logit-bytes (the baselines materialise them). Backward differentiates
+Inputs: hidden (N, H) and weight (V, H) of --dtype (standard normal, the weight scaled by
+2/sqrt(H)), labels uniform in [0, V), for each of --rows x --hidden-size x --vocab whose (N, V)
+float32 logits fit in --max-logit-bytes (the baselines materialise them). A run at these sizes is
+seconds to minutes on a CPU: pass --repeat 3 or 1. Backward differentiates
 sum(logprobs) + 0.1 * sum(entropy) with respect to hidden and weight.
 Floors, b bytes per element: the op must read hidden and weight once per matmul and write their
 gradients; FLOPs: 2 N H V per matmul, 3 matmuls forward+backward for the unfused LM head (forward,
@@ -46,7 +47,7 @@ def cases(op, args):
                     continue
                 floor = (N + V) * H * b
                 yield Case(f"{N}x{H}x{V}", {"fwd": floor, "bwd": 2 * floor, "fwd+bwd": 3 * floor},
-                           functools.partial(_inputs, N, H, V, args), repeat=3)
+                           functools.partial(_inputs, N, H, V, args))
 
 
 def _inputs(N, H, V, args):

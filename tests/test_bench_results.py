@@ -78,8 +78,8 @@ def header(path):
 def test_ops_finds_each_op_benchmark_by_its_file_and_keeps_the_columns(tmp_path):
     modules = ops.discover()
     assert {op: m.__name__ for op, m in modules.items()} == {
-        "gae": "op_gae", "ppo_loss": "op_ppo_loss", "token_logprobs": "op_token_logprobs",
-        "token_logprobs+entropy": "op_token_logprobs"}
+        "gae": "op_gae", "linear_token_logprobs": "op_linear", "ppo_loss": "op_ppo_loss",
+        "token_logprobs": "op_token_logprobs", "token_logprobs+entropy": "op_token_logprobs"}
     for module in modules.values():
         assert callable(module.cases) and callable(module.providers) and callable(module.objective)
     out = tmp_path / "ops.csv"
@@ -89,6 +89,17 @@ def test_ops_finds_each_op_benchmark_by_its_file_and_keeps_the_columns(tmp_path)
     assert [(r["op"], r["provider"], r["shape"], r["mode"], r["floor_bytes"]) for r in rows] == [
         ("gae", "eager", "4x64", "fwd", "4352"), ("gae", "eager", "4x64", "bwd", "4352"),
         ("gae", "eager", "4x64", "fwd+bwd", "8704")]
+
+
+def test_linear_op_benchmark_runs_and_states_its_floor(tmp_path):
+    out = tmp_path / "ops.csv"
+    assert ops.main(["--ops", "linear_token_logprobs", "--quick", "--only", "fastppo-native",
+                     "matmul+native", "--repeat", "1", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    # (N + V) H b bytes: N = 64 rows, V = 1000, H = 64, float32
+    assert {(r["provider"], r["shape"], r["mode"], r["floor_bytes"]) for r in rows} == {
+        (p, "64x64x1000", m, str(k * (64 + 1000) * 64 * 4)) for p in ("fastppo-native", "matmul+native")
+        for m, k in (("fwd", 1), ("bwd", 2), ("fwd+bwd", 3))}
 
 
 def test_bench_cpu_keeps_the_columns(tmp_path):

@@ -8,7 +8,7 @@ backend's existing fused row kernels on them (Triton, native C++, or the referen
 returns a scalar, so its gradients are computed chunk by chunk during the forward, into the chunk's
 own logits, and only scaled in backward (as Liger-Kernel's fused linear cross-entropy does): 3
 matmuls of N x H x V, the minimum (2 with a frozen weight, as under LoRA; 1 without gradients).
-Chunks: ceil(N / 32) rows (each ~3% of the logits), or as many rows as 32 MiB of float32 logits
+Chunks: ceil(N / 32) rows (each ~3% of the logits), or as many rows as 64 MiB of float32 logits
 hold if that is more (`chunk_rows=` sets it): small batches run in one chunk at full matmul speed,
 large ones in chunks. The rollout's forward and the training loss chunk a mini-batch identically,
 so their logits, and log-probs, are the same bit for bit (ratio = 1).
@@ -43,7 +43,7 @@ from fastppo.kernels.token_logprobs import (NativeTokenLogprobsFunction, TokenLo
                                             token_logprobs)
 
 CHUNKS = 32                     # default: N / 32 rows per chunk (each ~3% of the logits)...
-CHUNK_FLOOR_BYTES = 32 * 2**20  # ...or as many rows as 32 MiB of float32 logits hold, if more
+CHUNK_FLOOR_BYTES = 64 * 2**20  # ...or as many rows as 64 MiB of float32 logits hold, if more
 
 
 def _check_linear(hidden, weight, bias, labels) -> None:
@@ -85,8 +85,8 @@ def _stand_in(hidden, weight, labels) -> torch.Tensor:
 
 
 def _chunk_rows(n: int, vocab: int, chunk_rows: int | None) -> int:
-    """Rows per chunk: ceil(N / 32), or the rows 32 MiB of float32 logits hold if that is more (a
-    small batch runs in one chunk: full-size matmuls, logits no larger than 32 MiB)."""
+    """Rows per chunk: ceil(N / 32), or the rows 64 MiB of float32 logits hold if that is more (a
+    small batch runs in one chunk: full-size matmuls, logits no larger than 64 MiB)."""
     if chunk_rows is None:
         floor = CHUNK_FLOOR_BYTES // (4 * vocab)
         return max(1, min(n, max(floor, math.ceil(n / CHUNKS))))
@@ -312,7 +312,7 @@ def linear_token_logprobs(
         weight: (V, H), the LM head's weight (tied to the embedding or not: gradients of both uses
             add up in the shared parameter). bias: (V,) or None.
         labels, temperature, ignore_index, return_entropy, validate, backend: as in token_logprobs.
-        chunk_rows: rows per chunk (default: ceil(N / 32), or the rows 32 MiB of float32 logits
+        chunk_rows: rows per chunk (default: ceil(N / 32), or the rows 64 MiB of float32 logits
             hold if more); the CPU "native" backward tiles the vocabulary instead. See the module
             docstring.
 

@@ -264,8 +264,10 @@ class TiledLinearTokenLogprobsFunction(torch.autograd.Function):
         g_h = zero if grad_entropy is None else torch.where(valid, grad_entropy.float(), 0.0)
         # d(g_lp lp + g_h H)/dz_k = [g_lp (onehot_k - p_k) - g_h p_k (log p_k + H)] / T
         shift = entropy - log_sum  # log p_k + H = z_k / T + (H - lse)
-        d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) \
-            if grad_hidden is not None else None
+        d_hidden = None  # float32 sums over the tiles (grad_hidden itself when float32)
+        if grad_hidden is not None:
+            d_hidden = grad_hidden.zero_() if grad_hidden.dtype == torch.float32 else torch.zeros(
+                hidden.shape, dtype=torch.float32, device=hidden.device)
         with head.no_autocast(), torch.no_grad():
             h = hidden.detach().to(head.dtype)
             for start in range(0, vocab, tile):
@@ -278,14 +280,15 @@ class TiledLinearTokenLogprobsFunction(torch.autograd.Function):
                 rows = here.nonzero().squeeze(-1)
                 dz[rows, labels[rows] - cols.start] += g_lp[rows]
                 dz = dz.div_(temperature).to(head.dtype)
-                if d_hidden is not None:
-                    d_hidden.addmm_(dz, head.weight[cols]) if head.dtype == torch.float32 else \
-                        d_hidden.add_((dz @ head.weight[cols]).float())
+                if d_hidden is not None and head.dtype == torch.float32:
+                    d_hidden.addmm_(dz, head.weight[cols])
+                elif d_hidden is not None:  # the product in the matmul's dtype, summed in float32
+                    d_hidden.add_((dz @ head.weight[cols]).float())
                 if grad_weight is not None:
                     grad_weight[cols] = (dz.t() @ h).float()
                 if grad_bias is not None:
                     grad_bias[cols] = dz.sum(0, dtype=torch.float32)
-        if grad_hidden is not None:
+        if grad_hidden is not None and d_hidden is not grad_hidden:
             grad_hidden.copy_(d_hidden)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
         return (grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias)) + (None,) * 4

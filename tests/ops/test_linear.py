@@ -206,13 +206,24 @@ def test_ppo_loss_one_chunk_equals_many(backend):
                  chunk_rows=1)
 
 
-def test_frozen_weight_and_no_grad_compute_only_what_is_needed():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_frozen_head_gives_the_hidden_gradient_alone(backend):
+    # weight and bias frozen (a LoRA policy's LM head): hidden's gradient is still the reference's
     hidden, weight, bias, labels, mask, t = ppo_inputs(3, 4, 9, 41, torch.float32, 2)
-    h = hidden.clone().requires_grad_()
+    h, h64 = hidden.clone().requires_grad_(), hidden.double().requires_grad_()
     out = linear_ppo_loss(h, weight, labels, t["old_logprobs"], t["advantages"], mask, bias=bias,
-                          backend="native", chunk_rows=2)
-    out.loss.backward()  # weight and bias frozen: only hidden gets a gradient
-    assert h.grad is not None and torch.isfinite(h.grad).all()
+                          backend=backend, chunk_rows=2)
+    (out.loss * 1.3).backward()
+    ref = reference.linear_ppo_loss(h64, weight.double(), labels, t["old_logprobs"].double(),
+                                    t["advantages"].double(), mask, bias=bias.double())
+    (ref.loss * 1.3).backward()
+    assert weight.grad is None and bias.grad is None
+    assert_near(h.grad, h64.grad, torch.float32, "hidden")
+
+
+def test_no_grad_forward_builds_no_graph():
+    hidden, weight, bias, labels, mask, _ = ppo_inputs(3, 4, 9, 41, torch.float32, 2)
+    weight.requires_grad_()
     with torch.no_grad():
         lp = linear_token_logprobs(hidden, weight, labels.masked_fill(~mask, -100), bias=bias)
     assert not lp.requires_grad

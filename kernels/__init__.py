@@ -23,6 +23,7 @@ if __name__ != "fastppo.kernels":
         raise ImportError(_MESSAGE)
 else:
     from fastppo.kernels.gae import gae, reward_to_go
+    from fastppo.kernels.group_advantages import group_advantages
     from fastppo.kernels.kl import kl_penalty, kl_rewards
     from fastppo.kernels.linear import linear_ppo_loss, linear_token_logprobs
     from fastppo.kernels.ppo_loss import ppo_loss
@@ -31,4 +32,5 @@ else:
     from fastppo.kernels.reference import PPOLossOutput
 
     __all__ = ["token_logprobs", "kl_penalty", "kl_rewards", "gae", "reward_to_go", "masked_whiten",
-               "ppo_loss", "linear_token_logprobs", "linear_ppo_loss", "PPOLossOutput"]
+               "ppo_loss", "linear_token_logprobs", "linear_ppo_loss", "group_advantages",
+               "PPOLossOutput"]

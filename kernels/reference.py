@@ -105,6 +105,28 @@ def reward_to_go(rewards, mask, *, gamma: float = 1.0):
     return returns
 
 
+def group_advantages(scores, group_size: int, *, mode: str = "grpo", eps: float = 1e-6):
+    """Per group of `group_size` consecutive samples (k samples of one prompt), c = s - group mean:
+        grpo     c / (std + eps), std = sqrt(sum c^2 / (k - 1))   (0 for a group of one)
+        dr_grpo  c
+        rloo     s - mean of the group's other samples = k / (k - 1) * c   (0 for a group of one)"""
+    k = group_size
+    s = scores.to(compute_dtype(scores)).reshape(-1, k)
+    c = s - s.mean(-1, keepdim=True)
+    if mode == "dr_grpo":
+        out = c
+    elif mode == "rloo":
+        out = c * (k / (k - 1) if k > 1 else 0.0)
+    elif mode == "grpo":
+        var = (c * c).sum(-1, keepdim=True) / max(k - 1, 1)
+        # sqrt's gradient at 0 is inf (x 0 = NaN): take the root only where the variance is positive
+        std = torch.where(var > 0, torch.where(var > 0, var, 1.0).sqrt(), 0.0)
+        out = c / (std + eps)
+    else:
+        raise ValueError(f"mode must be one of ('grpo', 'dr_grpo', 'rloo'); got {mode!r}")
+    return out.reshape(scores.shape)
+
+
 def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8, process_group=None):
     """(x - mean) / sqrt(var + eps) over the valid entries (Bessel-corrected variance); the mean is
     added back when shift_mean=False. Invalid entries give 0. With a `process_group`, the valid

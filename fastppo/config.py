@@ -174,8 +174,39 @@ class PPOConfig(ModelOptions):
     """JSONL file of {"prompt"} rows."""
     policy: str
     """The SFT checkpoint: the initial policy and the frozen reference."""
-    reward_model: str
-    """The reward-model checkpoint (fastppo rm)."""
+    reward_model: str | None = None
+    """The reward-model checkpoint (fastppo rm). A run scores with reward_model, reward_fn or both
+    (a weighted sum)."""
+    reward_fn: str | None = None
+    """A reward function, "module:function", called with each rollout's prompts and responses
+    (decoded, and as token ids), returning one float per response (fastppo/rewards.py)."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score in the sum."""
+    reward_fn_weight: float = 1.0
+    """Weight of reward_fn's value in the sum."""
+    reward_fn_error_value: float | None = None
+    """A row on which reward_fn raises, or returns NaN or inf, gets this reward and is counted
+    (metric reward_fn_errors); None: such a row stops the run, naming the function and the row."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt: a rollout is batch_size / samples_per_prompt prompts, each
+    repeated samples_per_prompt times in consecutive rows (a group)."""
+    advantage_estimator: str = "gae"
+    """"gae" (critic: value head, GAE over the per-token rewards), or critic-free (no value forward,
+    no value loss): "grpo" (the group's centred scores over their std, see scale_by_std), "rloo"
+    (the score minus the mean of the group's other samples), "reinforce++" (per-token discounted
+    returns, whitened over the batch). The group estimators need samples_per_prompt >= 2."""
+    scale_by_std: bool = True
+    """grpo: divide by the group's std + 1e-6; false is Dr. GRPO (centred scores only)."""
+    kl_in_loss: bool = False
+    """Put the KL to the reference in the loss (kl_coef x kl_loss_estimator per token, as GRPO does)
+    instead of in the rewards."""
+    kl_loss_estimator: str = "k3"
+    """The KL estimator of kl_in_loss: k1, k2 or k3."""
+    loss_reduction: str = "token-mean"
+    """How each mini-batch's per-token losses are averaged: "token-mean" (every token alike, DAPO) or
+    "seq-mean-token-mean" (each response's token mean, then the mean over responses, GRPO)."""
+    clip_eps_high: float | None = None
+    """Upper ratio clip 1 + clip_eps_high (clip-higher, DAPO); None: clip_eps on both sides."""
     out: str = "runs/ppo"
     """Output folder: checkpoints, metrics.jsonl, the plot."""
     iterations: int = 40
@@ -277,6 +308,33 @@ class PPOConfig(ModelOptions):
             _in(self, "tis_cap", 0, low_open=True)
         _require(self.kl_estimator in ("k1", "k2", "k3"),
                  f"kl_estimator must be one of ('k1', 'k2', 'k3'); got {self.kl_estimator!r}")
+        _require(self.kl_loss_estimator in ("k1", "k2", "k3"),
+                 f"kl_loss_estimator must be one of ('k1', 'k2', 'k3'); got {self.kl_loss_estimator!r}")
+        _require(bool(self.reward_model) or bool(self.reward_fn),
+                 "give reward_model, reward_fn or both: nothing scores the responses")
+        if self.reward_fn is not None:
+            from fastppo import rewards
+            _require(bool(rewards.SPEC.match(str(self.reward_fn))),
+                     f"reward_fn must be 'module:function'; got {self.reward_fn!r}")
+        for name in ("reward_model_weight", "reward_fn_weight"):
+            _in(self, name, -math.inf)
+        if self.reward_fn_error_value is not None:
+            _in(self, "reward_fn_error_value", -math.inf)
+        _in(self, "samples_per_prompt", 1)
+        _require(self.batch_size % self.samples_per_prompt == 0,
+                 f"samples_per_prompt ({self.samples_per_prompt}) must divide batch_size "
+                 f"({self.batch_size})")
+        estimators = ("gae", "grpo", "rloo", "reinforce++")
+        _require(self.advantage_estimator in estimators,
+                 f"advantage_estimator must be one of {estimators}; got {self.advantage_estimator!r}")
+        _require(self.advantage_estimator not in ("grpo", "rloo") or self.samples_per_prompt >= 2,
+                 f"advantage_estimator {self.advantage_estimator!r} compares the samples of a "
+                 f"prompt: samples_per_prompt must be >= 2; got {self.samples_per_prompt}")
+        reductions = ("token-mean", "seq-mean-token-mean")
+        _require(self.loss_reduction in reductions,
+                 f"loss_reduction must be one of {reductions}; got {self.loss_reduction!r}")
+        if self.clip_eps_high is not None:
+            _in(self, "clip_eps_high", 0, low_open=True)
         _in(self, "kl_coef", 0)
         _in(self, "kl_target", 0, low_open=True)
         _in(self, "gamma", 0, 1)

@@ -410,12 +410,15 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask, positions: slice = slice(None),
-                hidden_only: bool = False):
+                hidden_only: bool = False, with_values: bool = True):
         """(logits, values) at `positions` only: the LM head, the largest matmul of a small model,
         is not spent on prompt positions nobody reads. hidden_only: (last hidden states, values),
-        for the fused linear ops (fusable_head)."""
+        for the fused linear ops (fusable_head). with_values=False (critic-free estimators): values
+        is None, the value head is not run."""
         hidden = hidden_at(self.lm, input_ids, attention_mask, positions)
-        values = in_float32(self.value_head, hidden).squeeze(-1).clone()  # not a view: FSDP2 hooks outputs
+        values = None
+        if with_values:  # a copy, not a view: FSDP2 hooks outputs
+            values = in_float32(self.value_head, hidden).squeeze(-1).clone()
         if hidden_only:
             return hidden, values
         return self.lm.get_output_embeddings()(hidden), values

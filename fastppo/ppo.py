@@ -6,7 +6,10 @@ loaded in place first) -> one no-grad forward of the
 actor-critic (old log-probs, values), of the reference (reference log-probs, cached for the whole
 iteration) and of the reward model (scores) -> kl_rewards -> gae -> masked_whiten -> ppo_epochs passes
 of ppo_loss over mini-batches, with gradient clipping and AdamW. Every log-prob, reward, advantage and
-loss is computed by fastppo.kernels.
+loss is computed by fastppo.kernels. Scores come from the reward model, a reward function
+(fastppo.rewards) or both; without a critic (advantage_estimator grpo, rloo, reinforce++) the value
+head is not run, and the advantages come from groups of samples of one prompt or from whitened
+returns instead of GAE.
 
 The rollout's log-probs and values come from the same forward as training (same temperature, same
 mini-batches as the first epoch), not from the sampler: the first mini-batch sees ratio = 1. The
@@ -23,10 +26,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from fastppo import distributed, run
+from fastppo import distributed, rewards, run
 from fastppo.config import PPOConfig
 from fastppo.data import Batch, encode_prompts, limit_prompts, read_jsonl, special_ids
-from fastppo.kernels import gae, kl_rewards, linear_ppo_loss, masked_whiten, ppo_loss
+from fastppo.kernels import (gae, group_advantages, kl_rewards, linear_ppo_loss, masked_whiten,
+                             ppo_loss, reward_to_go)
 from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
 from fastppo.models import (ADAPTER, ActorCritic, LogitsAt, adapters_off, add_lora,
                             check_fits_context, check_model_dir, check_reward_model_dir,
@@ -98,37 +102,76 @@ def without_adapters(model: ActorCritic):
     return logits
 
 
+def make_scorer(cfg: PPOConfig, reward_model, reward_fn, tokenizer):
+    """score(mb, rows) -> (scores of mb's rows, rows reward_fn_error_value was given to): the
+    weighted sum of the reward model's score and reward_fn's value (fastppo.rewards)."""
+    def score(mb: Batch, rows: list[int]):
+        total = torch.zeros(len(rows), device=cfg.device)
+        if reward_model is not None:
+            with precision(cfg.device, cfg.dtype):
+                total += cfg.reward_model_weight * reward_model(mb.input_ids, mb.attention_mask).float()
+        if reward_fn is None:
+            return total, 0
+        P = mb.prompt_len
+        prompt_ids = [ids[keep].tolist() for ids, keep in zip(mb.input_ids[:, :P], mb.attention_mask[:, :P])]
+        response_ids = [ids[keep].tolist() for ids, keep in zip(mb.responses, mb.response_mask)]
+        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        values, errors = rewards.score(reward_fn, cfg.reward_fn, [decode(p) for p in prompt_ids],
+                                       [decode(r) for r in response_ids], prompt_ids, response_ids,
+                                       error_value=cfg.reward_fn_error_value, rows=rows)
+        return total + cfg.reward_fn_weight * torch.tensor(values, device=cfg.device), errors
+    return score
+
+
 @torch.no_grad()
-def rollout_forward(model, reference, reward_model, batch, order, cfg, temperature, heads):
-    """Old log-probs and values (actor-critic), reference log-probs, scores: one no-grad pass each,
-    in the mini-batches of the first PPO epoch (`order`; each rank takes its share of each), at the
-    sampling temperature. Every rank ends with the whole batch's. heads: the policy's and the
-    reference's fusable LM heads (None: from logits)."""
+def rollout_forward(model, reference, score, batch, order, cfg, temperature, heads, critic):
+    """Old log-probs and values (actor-critic; no values without a critic), reference log-probs,
+    scores: one no-grad pass each, in the mini-batches of the first PPO epoch (`order`; each rank
+    takes its share of each), at the sampling temperature. Every rank ends with the whole batch's.
+    heads: the policy's and the reference's fusable LM heads (None: from logits)."""
     B, R = batch.response_mask.shape
     old_logprobs = torch.zeros(B, R, device=cfg.device)
     values, ref_logprobs = torch.zeros_like(old_logprobs), torch.zeros_like(old_logprobs)
     scores = torch.zeros(B, device=cfg.device)
+    errors = torch.zeros((), device=cfg.device)
     timings = {"reference": 0.0, "score": 0.0}
     for i in range(0, B, cfg.mini_batch_size):
         idx = distributed.my_rows(order[i:i + cfg.mini_batch_size])
         mb = batch.select(idx)
         labels = mb.responses.masked_fill(~mb.response_mask, -100)
         with precision(cfg.device, cfg.dtype):  # as in training: the same logits, bit for bit
-            states, values[idx] = model(mb.input_ids, mb.attention_mask, mb.response_positions,
-                                        hidden_only=heads[0] is not None)
+            states, v = model(mb.input_ids, mb.attention_mask, mb.response_positions,
+                              hidden_only=heads[0] is not None, with_values=critic)
             old_logprobs[idx] = head_logprobs(states, heads[0], labels, temperature=temperature)
+            if critic:
+                values[idx] = v
         t0 = time.perf_counter()
         with precision(cfg.device, cfg.dtype):
             ref = reference(mb.input_ids, mb.attention_mask, mb.response_positions,
                             hidden_only=heads[1] is not None)
             ref_logprobs[idx] = head_logprobs(ref, heads[1], labels, temperature=temperature)
         t1 = time.perf_counter()
-        with precision(cfg.device, cfg.dtype):
-            scores[idx] = reward_model(mb.input_ids, mb.attention_mask).float()
+        scores[idx], mb_errors = score(mb, idx.tolist())
+        errors += mb_errors
         timings["reference"] += t1 - t0
         timings["score"] += time.perf_counter() - t1
-    distributed.sum_over_ranks(old_logprobs, values, ref_logprobs, scores)  # each row from one rank
-    return old_logprobs, values, ref_logprobs, scores, timings
+    # each row from one rank
+    distributed.sum_over_ranks(old_logprobs, values, ref_logprobs, scores, errors)
+    return old_logprobs, values, ref_logprobs, scores, int(errors), timings
+
+
+def estimate_advantages(cfg, rewards_, old_values, mask):
+    """(advantages, returns or None) of the configured estimator from the per-token rewards (the
+    score on each row's last token, minus the KL penalty unless kl_in_loss)."""
+    if cfg.advantage_estimator == "gae":
+        advantages, returns = gae(rewards_, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        return (masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages), returns
+    if cfg.advantage_estimator == "reinforce++":  # discounted returns, a batch-normalised baseline
+        return masked_whiten(reward_to_go(rewards_, mask, gamma=cfg.gamma), mask), None
+    # grpo / rloo: each response's total reward against its group's, on every token of it
+    mode = "rloo" if cfg.advantage_estimator == "rloo" else ("grpo" if cfg.scale_by_std else "dr_grpo")
+    per_row = group_advantages(rewards_.sum(-1), cfg.samples_per_prompt, mode=mode)
+    return per_row[:, None] * mask, None
 
 
 @run.owns_output  # cfg.out: locked for this run, resume/overwrite checked, config.yaml saved
@@ -137,16 +180,20 @@ def train_ppo(cfg: PPOConfig) -> Path:
     cfg.check()
     rows = read_jsonl(cfg.prompts, "ppo")
     check_model_dir(cfg.policy, "policy")
-    check_reward_model_dir(cfg.reward_model, "reward_model")
+    if cfg.reward_model:
+        check_reward_model_dir(cfg.reward_model, "reward_model")
+    reward_fn = rewards.load(cfg.reward_fn) if cfg.reward_fn else None
     out = Path(cfg.out)
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
-    check_same_tokenizer(tokenizer, cfg.reward_model, "reward_model")
+    if cfg.reward_model:
+        check_same_tokenizer(tokenizer, cfg.reward_model, "reward_model")
     pad, eos = special_ids(tokenizer)
     prompts = limit_prompts(encode_prompts(tokenizer, [r["prompt"] for r in rows]),
                             cfg.max_prompt_length, cfg.truncate_prompts, tokenizer.bos_token_id)
     longest = max(len(p) for p in prompts) + cfg.max_new_tokens
     for path in (cfg.policy, cfg.reward_model):
-        check_fits_context(path, longest, "the longest prompt + max_new_tokens")
+        if path:
+            check_fits_context(path, longest, "the longest prompt + max_new_tokens")
     if cfg.rollout_engine == "vllm":
         if distributed.world() > 1:
             raise ValueError("rollout_engine='vllm' runs in one process for now (one vLLM engine "
@@ -162,8 +209,12 @@ def train_ppo(cfg: PPOConfig) -> Path:
         reference = LogitsAt(copy.deepcopy(model.lm)).eval().requires_grad_(False)  # SFT weights
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model.lm)
-    reward_model = load_reward_model(cfg.reward_model, cfg.device)
-    reward_model.eval().requires_grad_(False)
+    reward_model = None
+    if cfg.reward_model:
+        reward_model = load_reward_model(cfg.reward_model, cfg.device)
+        reward_model.eval().requires_grad_(False)
+    score = make_scorer(cfg, reward_model, reward_fn, tokenizer)
+    critic = cfg.advantage_estimator == "gae"  # the others neither run nor train the value head
     # The rollout engine samples from the live policy; the trainer scores its samples at the
     # engine's own temperature, so the two cannot disagree. Under torchrun every model is sharded
     # (FSDP2) and the policy is gathered whole for each rollout (distributed.gathered).
@@ -171,7 +222,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
         distributed.shard(model, model.lm)
         if not cfg.lora_rank:
             distributed.shard(reference, reference.lm)
-        distributed.shard(reward_model, reward_model.model)
+        if reward_model is not None:
+            distributed.shard(reward_model, reward_model.model)
     # Built on the sharded parameters, before any forward: after one, FSDP2's root holds whole ones.
     trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA: adapters, value head
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, fused=True)  # one pass per step
@@ -218,7 +270,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
         # mode throughout, training included: dropout would make the rollout's log-probs disagree
         # with training's (gradients flow all the same).
         eval_mode(model)
-        pick = torch.randint(len(prompts), (cfg.batch_size,), generator=generator).tolist()
+        k = cfg.samples_per_prompt  # each prompt k times, in consecutive rows (a group)
+        pick = torch.randint(len(prompts), (cfg.batch_size // k,), generator=generator)
+        pick = pick.repeat_interleave(k).tolist()
         if cfg.rollout_engine == "vllm":  # the trained weights into vLLM, in place
             rollout.load_weights(plain_state(model.lm))
         t_sync = time.perf_counter()
@@ -230,35 +284,44 @@ def train_ppo(cfg: PPOConfig) -> Path:
         # 2. Old log-probs and values, reference log-probs (cached for every epoch), scores.
         epoch_orders = [torch.randperm(cfg.batch_size, generator=generator)
                         for _ in range(cfg.ppo_epochs)]
-        old_logprobs, old_values, ref_logprobs, scores, timings = rollout_forward(
-            model, reference, reward_model, batch, epoch_orders[0], cfg, temperature, heads)
+        old_logprobs, old_values, ref_logprobs, scores, reward_fn_errors, timings = rollout_forward(
+            model, reference, score, batch, epoch_orders[0], cfg, temperature, heads, critic)
 
-        # 3. Rewards and advantages.
-        rewards = kl_rewards(old_logprobs, ref_logprobs, scores, mask, kl_coef=kl_coef,
-                             estimator=cfg.kl_estimator)
-        advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        # 3. Rewards (the KL penalty in them, or in the loss: kl_in_loss) and advantages.
+        token_rewards = kl_rewards(old_logprobs, ref_logprobs, scores, mask,
+                                   kl_coef=0.0 if cfg.kl_in_loss else kl_coef,
+                                   estimator=cfg.kl_estimator)
+        advantages, returns = estimate_advantages(cfg, token_rewards, old_values, mask)
 
         # 4. PPO epochs over mini-batches. Each rank takes its share of every mini-batch; its loss
-        # is its tokens' share of the global mini-batch's token mean (share_of_mean), so the
-        # gradient FSDP averages is the one-process one.
+        # is its share of the global mini-batch's mean (share_of_mean: over tokens, or over
+        # responses of their token means), so the gradient FSDP averages is the one-process one.
         stats, first_ratio_error = [], None
+        by_tokens = cfg.loss_reduction == "token-mean"
         for order in epoch_orders:
             for i in range(0, cfg.batch_size, cfg.mini_batch_size):
                 tokens = mask[order[i:i + cfg.mini_batch_size]].sum().clamp(min=1)
+                responses = mask[order[i:i + cfg.mini_batch_size]].any(-1).sum().clamp(min=1)
                 idx = distributed.my_rows(order[i:i + cfg.mini_batch_size])
                 mb = batch.select(idx)
+                # the loss is a sum over my tokens (token-mean), or a mean over my responses
+                mine_of_total = (1.0, tokens) if by_tokens else (
+                    mb.response_mask.any(-1).sum(), responses)
                 options = dict(
-                    old_values=old_values[idx], returns=returns[idx],
-                    clip_eps=cfg.clip_eps, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
-                    entropy_coef=cfg.entropy_coef, temperature=temperature, reduction="sum",
-                    tis_cap=cfg.tis_cap,
+                    clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
+                    entropy_coef=cfg.entropy_coef, temperature=temperature,
+                    reduction="sum" if by_tokens else "seq-mean-token-mean", tis_cap=cfg.tis_cap,
                     sampler_logprobs=None if cfg.tis_cap is None else mb.sampler_logprobs)
+                if critic:
+                    options.update(old_values=old_values[idx], returns=returns[idx],
+                                   value_clip=cfg.value_clip, vf_coef=cfg.vf_coef)
+                if cfg.kl_in_loss:
+                    options.update(ref_logprobs=ref_logprobs[idx], kl_coef=kl_coef,
+                                   kl_estimator=cfg.kl_loss_estimator)
                 with precision(cfg.device, cfg.dtype):  # bf16 matmuls; the loss in float32
                     # logits, or the last hidden states for the fused LM head
                     states, values = model(mb.input_ids, mb.attention_mask, mb.response_positions,
-                                           hidden_only=head is not None)
+                                           hidden_only=head is not None, with_values=critic)
                     if head is None:
                         out_loss = ppo_loss(states, mb.responses, old_logprobs[idx],
                                             advantages[idx], mb.response_mask, values=values,
@@ -268,7 +331,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
                                                    old_logprobs[idx], advantages[idx],
                                                    mb.response_mask, bias=head.bias, values=values,
                                                    **options)
-                loss = distributed.share_of_mean(out_loss.loss, tokens)
+                share = mine_of_total[0] / mine_of_total[1]
+                loss = distributed.share_of_mean(out_loss.loss * mine_of_total[0], mine_of_total[1])
                 if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
                     with torch.no_grad(), precision(cfg.device, cfg.dtype):
                         lp = head_logprobs(states.detach(), head, mb.responses.masked_fill(
@@ -277,9 +341,11 @@ def train_ppo(cfg: PPOConfig) -> Path:
                         first_ratio_error = distributed.max_over_ranks(
                             (ratio - 1).abs().max().item() if ratio.numel() else 0.0, cfg.device)
                 mine = mb.response_mask.sum()  # the global mini-batch's stats, summed over ranks
-                stats.append(torch.stack([out_loss.policy_loss, out_loss.value_loss,
-                                          out_loss.entropy * mine, out_loss.clipfrac * mine,
-                                          out_loss.approx_kl * mine]) / tokens)
+                value_loss = out_loss.value_loss if critic else torch.zeros_like(out_loss.loss)
+                stats.append(torch.stack([out_loss.policy_loss * share, value_loss * share,
+                                          out_loss.entropy * mine / tokens,
+                                          out_loss.clipfrac * mine / tokens,
+                                          out_loss.approx_kl * mine / tokens]))
                 run.stop_if_not_finite(distributed.summed(loss.detach()) / distributed.world(),
                                        out, what="PPO loss", at=f"iteration {iteration}")
                 optimizer.zero_grad(set_to_none=True)
@@ -299,11 +365,13 @@ def train_ppo(cfg: PPOConfig) -> Path:
         kl = ((old_logprobs - ref_logprobs) * mask).sum(-1).mean().item()
         row = {
             "step": iteration, "score_mean": scores.mean().item(), "score_std": scores.std().item(),
-            "reward": (rewards * mask).sum(-1).mean().item(), "kl": kl, "kl_coef": kl_coef,
+            "reward": (token_rewards * mask).sum(-1).mean().item(), "kl": kl, "kl_coef": kl_coef,
             "entropy": mean["entropy"], "policy_loss": mean["policy_loss"],
             "value_loss": mean["value_loss"], "clipfrac": mean["clipfrac"],
             "approx_kl": mean["approx_kl"], "first_ratio_max_error": first_ratio_error,
-            "explained_variance": explained_variance(old_values, returns, mask),
+            "explained_variance": (explained_variance(old_values, returns, mask) if critic
+                                   else float("nan")),
+            "reward_fn_errors": reward_fn_errors,
             "response_length": lengths.mean().item(),
             "tokens_per_s": lengths.sum().item() * (1 + cfg.ppo_epochs) / (t_end - t_start),
             "time_sync": t_sync - t_start, "time_generate": t_generate - t_sync,

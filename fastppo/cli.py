@@ -34,7 +34,8 @@ def parser() -> ArgumentParser:
                            else "SFT -> RM -> PPO on your data")
     demo = ArgumentParser(description="the whole pipeline on the built-in task, with a tiny model")
     demo.add_class_arguments(DemoConfig, nested_key=None, as_group=False)
-    sub.add_subcommand("demo", demo, help="SFT -> RM -> PPO on 'make the continuation positive'")
+    sub.add_subcommand("demo", demo, help="SFT -> RM -> PPO on 'make the continuation positive' (or --task "
+                       "arithmetic: SFT -> GRPO with a verifier as the reward)")
     return root
 
 

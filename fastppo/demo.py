@@ -1,6 +1,10 @@
 """`fastppo demo`: the whole pipeline (SFT -> reward model -> PPO) on the built-in task
 (fastppo.demo_task: "make the continuation positive") with a tiny Llama trained from scratch, and the
-oracle evaluation that tells whether PPO learned the hidden preference."""
+oracle evaluation that tells whether PPO learned the hidden preference.
+
+`fastppo demo --task arithmetic`: SFT on a few single-digit additions, then GRPO with a verifiable
+reward (fastppo.demo_arithmetic: a Python function, no reward model, no critic), and the fraction of
+correct answers before and after."""
 from __future__ import annotations
 
 import json
@@ -12,13 +16,21 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from fastppo import demo_arithmetic
 from fastppo import demo_task as task
+from fastppo.config import PPOConfig, SFTConfig
 from fastppo.data import encode_prompts, special_ids, write_jsonl
 from fastppo.kernels import token_logprobs
 from fastppo.models import lm_logits, load_lm, tiny_llama
 from fastppo.pipeline import PipelineConfig, run_pipeline
+from fastppo.ppo import train_ppo
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
+from fastppo.sft import train_sft
+
+TASKS = ("sentiment", "arithmetic")
+# Per task: SFT steps, reward-model steps (none for arithmetic), PPO iterations.
+DEFAULTS = {"sentiment": (250, 250, 30), "arithmetic": (100, 0, 60)}
 
 
 @dataclass
@@ -27,16 +39,23 @@ class DemoConfig:
     """Output folder (the base model, the data, one folder per stage, summary.json)."""
     seed: int = 0
     """Seed of the data, the model and every stage."""
-    sft_steps: int = 250
-    """SFT optimizer steps."""
-    rm_steps: int = 250
-    """Reward-model optimizer steps."""
-    ppo_iterations: int = 30
-    """PPO iterations."""
+    task: str = "sentiment"
+    """"sentiment" (SFT -> reward model -> PPO with a critic, "make the continuation positive") or
+    "arithmetic" (SFT -> GRPO with a reward function that checks single-digit sums)."""
+    sft_steps: int | None = None
+    """SFT optimizer steps (None: the task's, 250 for sentiment, 100 for arithmetic)."""
+    rm_steps: int | None = None
+    """Reward-model optimizer steps (None: 250; the arithmetic task has no reward model)."""
+    ppo_iterations: int | None = None
+    """PPO iterations (None: the task's, 30 for sentiment, 60 for arithmetic)."""
 
     def check(self) -> "DemoConfig":
-        for name in ("sft_steps", "rm_steps", "ppo_iterations"):
-            if getattr(self, name) < 1:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}; got {self.task!r}")
+        for name, default in zip(("sft_steps", "rm_steps", "ppo_iterations"), DEFAULTS[self.task]):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+            elif getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         return self
 
@@ -68,6 +87,8 @@ def demo(cfg: DemoConfig | None = None, *, device: str = "cpu", quiet: bool = Fa
     """Build the task, its tokenizer and a tiny Llama; run SFT -> RM -> PPO; compare the oracle score
     of the SFT and PPO policies. Writes summary.json beside the stages' folders."""
     cfg = (cfg or DemoConfig()).check()
+    if cfg.task == "arithmetic":
+        return demo_arithmetic_task(cfg, device=device, quiet=quiet)
     start = time.perf_counter()
     out_dir, seed = Path(cfg.out), cfg.seed
     torch.manual_seed(seed)
@@ -106,4 +127,58 @@ def demo(cfg: DemoConfig | None = None, *, device: str = "cpu", quiet: bool = Fa
         print(f"  oracle score, PPO policy                 {oracle_ppo:+.3f}")
         print(f"  KL(PPO || SFT) per response              {kl:.3f}")
         print(f"  seconds                                  {summary['seconds']:.0f}")
+    return summary
+
+
+@torch.no_grad()
+def accuracy(policy_dir, *, seed: int, samples: int = 4, device: str = "cpu") -> float:
+    """The fraction of correct answers of the policy sampled (T = 1) `samples` times on every one of
+    the 100 problems."""
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    pad, eos = special_ids(tokenizer)
+    rollout = HFRollout(load_lm(policy_dir, device).eval(), Sampling(3), eos_id=eos, pad_id=pad,
+                        device=device, seed=seed)
+    prompts = [row["prompt"] for row in demo_arithmetic.ppo_rows()] * samples
+    batch = rollout.generate(encode_prompts(tokenizer, prompts))
+    texts = tokenizer.batch_decode(batch.responses.masked_fill(~batch.response_mask, pad),
+                                   skip_special_tokens=True)
+    return sum(demo_arithmetic.is_correct(p, t) for p, t in zip(prompts, texts)) / len(prompts)
+
+
+def demo_arithmetic_task(cfg: DemoConfig, *, device: str = "cpu", quiet: bool = False) -> dict:
+    """SFT on 50 of the 100 single-digit additions, then GRPO on all of them with the verifier as
+    the reward (8 samples per problem, no reward model, no critic, no KL); summary.json holds the
+    fraction of correct answers of the SFT and the GRPO policies."""
+    start = time.perf_counter()
+    out_dir, seed = Path(cfg.out), cfg.seed
+    torch.manual_seed(seed)
+    random.seed(seed)
+    tokenizer = demo_arithmetic.build_tokenizer()
+    base = out_dir / "base"
+    tiny_llama(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+               ).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = out_dir / "data"
+    write_jsonl(data / "sft.jsonl", demo_arithmetic.sft_rows(50, seed))
+    write_jsonl(data / "prompts.jsonl", demo_arithmetic.ppo_rows())
+    sft = train_sft(SFTConfig(data=str(data / "sft.jsonl"), model=str(base), out=str(out_dir / "sft"),
+                              steps=cfg.sft_steps, batch_size=32, lr=3e-3, seed=seed, device=device,
+                              overwrite=True))
+    ppo = train_ppo(PPOConfig(
+        prompts=str(data / "prompts.jsonl"), policy=str(sft), out=str(out_dir / "ppo"),
+        reward_fn="fastppo.demo_arithmetic:reward", advantage_estimator="grpo",
+        samples_per_prompt=8, batch_size=128, mini_batch_size=64, max_new_tokens=3, kl_coef=0.0,
+        loss_reduction="seq-mean-token-mean", lr=5e-4, iterations=cfg.ppo_iterations, seed=seed,
+        save_every=20, device=device, overwrite=True))
+    summary = {"task": "arithmetic",
+               "accuracy_sft": accuracy(sft, seed=seed + 4, device=device),
+               "accuracy_ppo": accuracy(ppo, seed=seed + 4, device=device),
+               "seconds": time.perf_counter() - start}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not quiet:
+        print(f"fastppo demo --task arithmetic ({out_dir}): SFT -> GRPO with a verifier as the reward")
+        print(f"  correct answers, SFT policy    {summary['accuracy_sft']:.3f}")
+        print(f"  correct answers, GRPO policy   {summary['accuracy_ppo']:.3f}")
+        print(f"  seconds                        {summary['seconds']:.0f}")
     return summary

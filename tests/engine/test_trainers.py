@@ -32,6 +32,16 @@ def test_demo_learns_the_hidden_preference(tmp_path, seed):
     assert (tmp_path / "ppo" / "ppo.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_arithmetic_demo_learns_from_a_verifier(tmp_path, seed):
+    # `fastppo demo --task arithmetic`: GRPO on a reward function, no reward model, no critic.
+    # Measured (2-core AMD EPYC): 0.305 -> 0.570 (seed 0), 0.302 -> 0.615 (seed 1).
+    summary = demo(DemoConfig(str(tmp_path), seed=seed, task="arithmetic"), quiet=True)
+    assert summary["accuracy_ppo"] - summary["accuracy_sft"] >= 0.15, summary
+    with pytest.raises(ValueError, match="task must be one of"):
+        DemoConfig(task="chess").check()
+
+
 def test_checkpoints_load_with_transformers(small_run):
     # the policies as causal LMs (PPO's value head beside), the reward model as a sequence
     # classifier (tests/engine/test_reward_models.py checks its scores)

@@ -2,6 +2,7 @@
 
     python bench/e2e.py [--iterations 3] [--device cpu] [--dtype bfloat16] [--gradient_checkpointing]
                         [--lora_rank 16] [--rollout_engine vllm] [--vocab 151936] [--no-fused_linear]
+                        [--advantage_estimator grpo --samples_per_prompt 4]
     python bench/e2e.py --hidden 1024 --layers 8 --response 64      # a larger workload
     torchrun --standalone --nproc_per_node 2 bench/e2e.py      # the same global batch on 2 ranks
 
@@ -80,6 +81,11 @@ def main(argv=None):
     parser.add_argument("--response", type=int, default=RESPONSE, help="response tokens")
     parser.add_argument("--rollout_engine", default="hf", choices=["hf", "vllm"])
     parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size")
+    parser.add_argument("--advantage_estimator", default="gae",
+                        choices=["gae", "grpo", "rloo", "reinforce++"],
+                        help="gae (critic) or a critic-free estimator (no value forward or loss)")
+    parser.add_argument("--samples_per_prompt", type=int, default=1,
+                        help="responses per prompt (the group estimators need >= 2)")
     parser.add_argument("--no-fused_linear", dest="fused_linear", action="store_false",
                         help="log-probs and loss from (tokens, vocabulary) logits, not fused")
     args = parser.parse_args(argv)
@@ -98,7 +104,9 @@ def main(argv=None):
                         save_every=10**6, seed=args.seed, device=args.device, dtype=args.dtype,
                         gradient_checkpointing=args.gradient_checkpointing,
                         lora_rank=args.lora_rank, rollout_engine=args.rollout_engine,
-                        fused_linear=args.fused_linear)
+                        fused_linear=args.fused_linear,
+                        advantage_estimator=args.advantage_estimator,
+                        samples_per_prompt=args.samples_per_prompt)
         train_ppo(cfg)
         if os.environ.get("RANK", "0") != "0":
             return 0  # under torchrun every rank trains; rank 0 reports
@@ -114,7 +122,8 @@ def main(argv=None):
     print(f"fastppo, world {world}, {shape}, {args.dtype}"
           f"{', checkpointing' if args.gradient_checkpointing else ''}"
           f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}"
-          f"{'' if args.fused_linear else ', logits (not fused)'}, rollout "
+          f"{'' if args.fused_linear else ', logits (not fused)'}, "
+          f"{args.advantage_estimator} x{args.samples_per_prompt}, rollout "
           f"{args.rollout_engine}, {device_name(args.device)}: "
           + ", ".join(f"{k} {v:.3g}" if k.startswith("sampler") else f"{k} {v:.3f}"
                       for k, v in result.items()))
@@ -124,7 +133,10 @@ def main(argv=None):
                                 workload=shape, dtype=args.dtype,
                                 gradient_checkpointing=int(args.gradient_checkpointing),
                                 lora_rank=args.lora_rank, rollout_engine=args.rollout_engine,
-                                fused_linear=int(args.fused_linear), iterations=len(measured), **figures, allocator=allocator_env())])
+                                fused_linear=int(args.fused_linear),
+                                advantage_estimator=args.advantage_estimator,
+                                samples_per_prompt=args.samples_per_prompt,
+                                iterations=len(measured), **figures, allocator=allocator_env())])
     return 0
 
 

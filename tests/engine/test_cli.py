@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_cli_commands(small_run, tmp_path):
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["seconds"] > 0
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUT = [
     (["ppo", "--prompts", "p", "--policy", "x", "--reward_model", "y", "--batch_size", "4",
       "--mini_batch_size", "8"], "mini_batch_size (8) must not exceed batch_size (4)"),
     (["ppo", "--prompts", "p", "--policy", "x", "--reward_model", "y", "--top_p", "0"],
@@ -54,18 +55,35 @@ def test_cli_commands(small_run, tmp_path):
     (["sft", "--data", "d", "--model", "m", "--steps", "two"], 'Parser key "steps"'),
     (["rm", "--data", "missing.jsonl", "--model", "m"], "rm data file missing.jsonl does not exist"),
     (["demo", "--ppo_iterations", "0"], "ppo_iterations must be >= 1; got 0"),
-])
-def test_cli_bad_input(tmp_path, args, message):
-    proc = fastppo(*args, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert message in proc.stderr
+    (["demo", "--task", "chess"], "task must be one of"),
+    (["ppo", "--prompts", "p", "--policy", "x"], "give reward_model, reward_fn or both"),
+    (["sft", "--config", "c.yaml"], "learning_rate"),  # an unknown key in a YAML config
+]
 
 
-def test_cli_unknown_yaml_key(tmp_path):
-    (tmp_path / "c.yaml").write_text("data: d\nmodel: m\nlearning_rate: 0.1\n")
-    proc = fastppo("sft", "--config", tmp_path / "c.yaml", cwd=tmp_path)
-    assert proc.returncode == 2 and "learning_rate" in proc.stderr
+def run_cases(argvs, cwd):
+    """[(exit code, stderr)] of `fastppo ARGV` for each ARGV, run in one process (cli_cases.py)."""
+    (cwd / "cases.json").write_text(json.dumps([[str(a) for a in argv] for argv in argvs]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("cli_cases.py")),
+                           str(cwd / "cases.json")], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [(r["code"], r["stderr"]) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
 
+
+@pytest.fixture(scope="module")
+def bad_input(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli-bad-input")
+    (tmp / "c.yaml").write_text("data: d\nmodel: m\nlearning_rate: 0.1\n")
+    return dict(zip((tuple(a) for a, _ in BAD_INPUT), run_cases([a for a, _ in BAD_INPUT], tmp)))
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT, ids=[" ".join(a[:3]) for a, _ in BAD_INPUT])
+def test_cli_bad_input(bad_input, args, message):
+    code, stderr = bad_input[tuple(args)]
+    assert code == 2, stderr[-2000:]
+    assert message in stderr
 
 
 def model_dir(tmp_path, small_run, kind):
@@ -125,13 +143,15 @@ if not __import__("torch").cuda.is_available():
     ERRORS.append((["sft", "--device", "cuda"], "CUDA is not available on this machine"))
 
 
-@pytest.mark.parametrize("args,message", ERRORS, ids=[" ".join(a[:3]) for a, _ in ERRORS])
-def test_errors_a_user_understands(small_run, tmp_path, args, message):
-    # One line on stderr, exit code 2, no traceback.
+@pytest.fixture(scope="module")
+def error_cases(small_run, tmp_path_factory):
+    """Every ERRORS case's command run (in one process, tests/engine/cli_cases.py): the case's
+    arguments -> (exit code, stderr)."""
     out, _ = small_run
+    tmp = tmp_path_factory.mktemp("cli-errors")
     data = out / "data"
-    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "a", "response": "b"}\n'
-                                            b'{"prompt": "caf\xe9", "response": "b"}\n')
+    (tmp / "latin1.jsonl").write_bytes(b'{"prompt": "a", "response": "b"}\n'
+                                       b'{"prompt": "caf\xe9", "response": "b"}\n')
     defaults = {
         "sft": ["--data", str(data / "sft.jsonl"), "--model", str(out / "base")],
         "rm": ["--data", str(data / "rm.jsonl"), "--model", str(out / "sft" / "checkpoint")],
@@ -143,13 +163,24 @@ def test_errors_a_user_understands(small_run, tmp_path, args, message):
 
     def fill(text):
         if text.startswith("{bad:"):
-            return str(model_dir(tmp_path, small_run, text[5:-1]))
-        return text.replace("{out}", str(out)).replace("{tmp}", str(tmp_path))
-    args = [fill(a) for a in args]
-    proc = fastppo(args[0], *defaults[args[0]], *args[1:], "--out", tmp_path / "run", cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert fill(message) in proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+            kind = text[5:-1]
+            return str(tmp / kind if (tmp / kind).exists() else model_dir(tmp, small_run, kind))
+        return text.replace("{out}", str(out)).replace("{tmp}", str(tmp))
+    argvs = []
+    for i, (args, _) in enumerate(ERRORS):
+        args = [fill(a) for a in args]
+        argvs.append([args[0], *defaults[args[0]], *args[1:], "--out", str(tmp / f"run{i}")])
+    results = run_cases(argvs, tmp)
+    return {tuple(args): (code, stderr, fill) for (args, _), (code, stderr) in zip(ERRORS, results)}
+
+
+@pytest.mark.parametrize("args,message", ERRORS, ids=[" ".join(a[:3]) for a, _ in ERRORS])
+def test_errors_a_user_understands(error_cases, args, message):
+    # One line on stderr, exit code 2, no traceback.
+    code, stderr, fill = error_cases[tuple(args)]
+    assert code == 2, stderr[-2000:]
+    assert fill(message) in stderr
+    assert "Traceback" not in stderr and stderr.strip().count("\n") == 0, stderr
 
 
 def test_a_diverging_run_stops_with_one_line(small_run, tmp_path):

@@ -106,6 +106,20 @@ def test_two_ranks_equal_one_process(small_run, two_ranks, tmp_path):
     assert not any(info.values()), info
 
 
+def test_critic_free_grpo_on_two_ranks_equals_one_process(small_run, tmp_path):
+    # groups of 4 samples split over the ranks, the loss averaged per response (each rank's share
+    # of the global responses), the KL in the loss, no value head run (FSDP2 with unused parameters)
+    grpo = ("--advantage_estimator", "grpo", "--samples_per_prompt", "4", "--kl_in_loss", "true",
+            "--loss_reduction", "seq-mean-token-mean", "--clip_eps_high", "0.28")
+    runs = {}
+    for world in (1, 2):
+        runs[world] = tmp_path / f"world{world}"
+        code, stdout, stderr = fastppo(small_run, runs[world], *grpo, world=world)
+        assert code == 0, stdout[-2000:] + stderr[-3000:]
+    assert_same_run(runs[1], runs[2])
+    assert all(r["value_loss"] == 0 and r["first_ratio_max_error"] <= 1e-5 for r in rows(runs[2]))
+
+
 def test_checkpoints_resume_at_the_other_world_size(small_run, two_ranks, tmp_path):
     straight = tmp_path / "straight"
     assert fastppo(small_run, straight, iterations=3)[0] == 0

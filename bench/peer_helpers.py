@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.machinery
 import importlib.metadata
-import sys
-from unittest import mock
+import importlib.util
 
 import torch
 
@@ -29,25 +27,6 @@ from common import (allocator_env, append_csv, device_name, git_revision, peak_m
                     today)
 
 T = 0.7
-
-
-def _import_openrlhf():
-    added = [n for n in ("flash_attn", "flash_attn.bert_padding", "flash_attn.utils",
-                         "flash_attn.utils.distributed", "deepspeed", "deepspeed.ops",
-                         "deepspeed.ops.adam") if n not in sys.modules]
-    for name in added:
-        stand_in = mock.MagicMock(name=name)
-        stand_in.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        stand_in.__path__ = []
-        sys.modules[name] = stand_in
-    compile_ = torch.compile
-    torch.compile = lambda fn=None, **_: fn if fn is not None else (lambda f: f)
-    try:
-        import openrlhf.models.utils  # noqa: F401
-    finally:
-        torch.compile = compile_
-        for name in added:
-            del sys.modules[name]
 
 
 def step_fn(peer: str):
@@ -65,7 +44,8 @@ def step_fn(peer: str):
             z = x / T
             return u.logprobs_from_logits(z, y).float().sum() + 0.1 * u.entropy_from_logits(z).float().sum()
     else:
-        _import_openrlhf()
+        from fastppo.integrations.openrlhf import import_without_gpu_only_modules
+        import_without_gpu_only_modules()
         import openrlhf.models.utils as u
 
         def f(x, y):

@@ -83,6 +83,19 @@ def evaluate(policy_dir, reference_dir, prompts: list[str], *, max_new_tokens: i
     return score, (lp - ref).sum(-1).mean().item()
 
 
+def seeded_base_model(out_dir: Path, seed: int, tokenizer) -> Path:
+    """Seed torch and random; write a tiny random Llama for the tokenizer, and the tokenizer, to
+    out_dir/base (the demo's starting point)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    base = out_dir / "base"
+    tiny_llama(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+               ).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return base
+
+
 def demo(cfg: DemoConfig | None = None, *, device: str = "cpu", quiet: bool = False) -> dict:
     """Build the task, its tokenizer and a tiny Llama; run SFT -> RM -> PPO; compare the oracle score
     of the SFT and PPO policies. Writes summary.json beside the stages' folders."""
@@ -91,14 +104,7 @@ def demo(cfg: DemoConfig | None = None, *, device: str = "cpu", quiet: bool = Fa
         return demo_arithmetic_task(cfg, device=device, quiet=quiet)
     start = time.perf_counter()
     out_dir, seed = Path(cfg.out), cfg.seed
-    torch.manual_seed(seed)
-    random.seed(seed)
-    tokenizer = task.build_tokenizer()
-    base = out_dir / "base"
-    tiny_llama(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-               ).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base = seeded_base_model(out_dir, seed, task.build_tokenizer())
     data = out_dir / "data"
     write_jsonl(data / "sft.jsonl", task.sft_rows(2000, seed, MAX_WORDS))
     write_jsonl(data / "rm.jsonl", task.rm_rows(2000, seed + 1, MAX_WORDS))
@@ -151,14 +157,7 @@ def demo_arithmetic_task(cfg: DemoConfig, *, device: str = "cpu", quiet: bool = 
     fraction of correct answers of the SFT and the GRPO policies."""
     start = time.perf_counter()
     out_dir, seed = Path(cfg.out), cfg.seed
-    torch.manual_seed(seed)
-    random.seed(seed)
-    tokenizer = demo_arithmetic.build_tokenizer()
-    base = out_dir / "base"
-    tiny_llama(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-               ).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base = seeded_base_model(out_dir, seed, demo_arithmetic.build_tokenizer())
     data = out_dir / "data"
     write_jsonl(data / "sft.jsonl", demo_arithmetic.sft_rows(50, seed))
     write_jsonl(data / "prompts.jsonl", demo_arithmetic.ppo_rows())

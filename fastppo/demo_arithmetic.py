@@ -11,25 +11,17 @@ from __future__ import annotations
 import random
 import re
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+from fastppo.demo_task import word_tokenizer
+
 SYMBOLS = [str(d) for d in range(10)] + ["+", "="]
 PROBLEMS = [(a, b) for a in range(10) for b in range(10)]
 PROMPT = re.compile(r"^\s*(\d)\s*\+\s*(\d)\s*=\s*$")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    words = SPECIALS + SYMBOLS
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", words.index("<bos>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-                                  bos_token="<bos>", eos_token="<eos>")
-    tok.padding_side = "left"
-    return tok
+    return word_tokenizer(SYMBOLS)  # one token per digit and sign
 
 
 def prompt(a: int, b: int) -> str:

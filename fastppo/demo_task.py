@@ -23,7 +23,12 @@ PROMPT_NOUNS = ("film book show story plot cast").split()
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    words = SPECIALS + sorted(set(NEUTRAL + POSITIVE + NEGATIVE))
+    return word_tokenizer(sorted(set(NEUTRAL + POSITIVE + NEGATIVE)))
+
+
+def word_tokenizer(vocabulary: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (whitespace-split) over SPECIALS + vocabulary that adds <bos>."""
+    words = SPECIALS + vocabulary
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # Encoding adds <bos>, as Llama's tokenizers do (fastppo encodes prompts as the tokenizer does).

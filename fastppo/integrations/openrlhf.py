@@ -81,6 +81,38 @@ def policy_loss_class(original: type) -> type:
     return PolicyLoss
 
 
+# What importing openrlhf.models pulls in that CPU machines lack (flash-attn needs CUDA to install)
+# and that its log-prob, entropy and loss functions never use.
+GPU_ONLY_IMPORTS = ("flash_attn", "flash_attn.bert_padding", "flash_attn.utils",
+                    "flash_attn.utils.distributed", "deepspeed", "deepspeed.ops", "deepspeed.ops.adam")
+
+
+def import_without_gpu_only_modules() -> None:
+    """Import openrlhf.models (+ .utils, .loss, .actor) with GPU_ONLY_IMPORTS replaced by stand-ins
+    and torch.compile by the identity, during the import only, as OpenRLHF's own CPU tests do; for
+    fastppo's tests and benchmarks on machines without CUDA. The stand-ins are removed afterwards."""
+    import importlib.machinery
+    import sys
+    from unittest import mock
+
+    added = [n for n in GPU_ONLY_IMPORTS if n not in sys.modules]
+    for name in added:
+        stand_in = mock.MagicMock(name=name)
+        stand_in.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        stand_in.__path__ = []
+        sys.modules[name] = stand_in
+    compile_ = torch.compile
+    torch.compile = lambda fn=None, **_: fn if fn is not None else (lambda f: f)
+    try:
+        for module in ("openrlhf.models", "openrlhf.models.actor", "openrlhf.models.loss",
+                       "openrlhf.models.utils"):
+            importlib.import_module(module)
+    finally:
+        torch.compile = compile_
+        for name in added:
+            del sys.modules[name]
+
+
 def patch(backend: str = "auto") -> None:
     """Route OpenRLHF's log-prob/entropy functions and its PPO PolicyLoss to fastppo (idempotent).
     backend: the kernels' backend, see `fastppo.kernels`."""

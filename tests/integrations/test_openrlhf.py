@@ -11,9 +11,7 @@ split, the sequence-level exact case) against the patched PolicyLoss.
 """
 from __future__ import annotations
 
-import importlib.machinery
 import importlib.util
-import sys
 from unittest import mock
 
 import pytest
@@ -22,29 +20,11 @@ import torch
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("openrlhf") is None,
                                 reason="OpenRLHF is not installed (pip install 'fastppo[openrlhf]')")
 
-STAND_INS = ("flash_attn", "flash_attn.bert_padding", "flash_attn.utils", "flash_attn.utils.distributed",
-             "deepspeed", "deepspeed.ops", "deepspeed.ops.adam")
-
-
 @pytest.fixture(scope="module")
 def orlhf():
-    added = [n for n in STAND_INS if n not in sys.modules]
-    for name in added:
-        stand_in = mock.MagicMock(name=name)
-        stand_in.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        stand_in.__path__ = []
-        sys.modules[name] = stand_in
-    compile_ = torch.compile
-    torch.compile = lambda fn=None, **_: fn if fn is not None else (lambda f: f)
-    try:
-        import openrlhf.models
-        import openrlhf.models.actor
-        import openrlhf.models.loss
-        import openrlhf.models.utils
-    finally:
-        torch.compile = compile_
-        for name in added:
-            del sys.modules[name]
+    from fastppo.integrations.openrlhf import import_without_gpu_only_modules
+    import_without_gpu_only_modules()
+    import openrlhf.models
     return openrlhf.models
 
 

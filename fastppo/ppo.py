@@ -331,7 +331,6 @@ def train_ppo(cfg: PPOConfig) -> Path:
                                                    old_logprobs[idx], advantages[idx],
                                                    mb.response_mask, bias=head.bias, values=values,
                                                    **options)
-                share = mine_of_total[0] / mine_of_total[1]
                 loss = distributed.share_of_mean(out_loss.loss * mine_of_total[0], mine_of_total[1])
                 if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
                     with torch.no_grad(), precision(cfg.device, cfg.dtype):
@@ -342,7 +341,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
                             (ratio - 1).abs().max().item() if ratio.numel() else 0.0, cfg.device)
                 mine = mb.response_mask.sum()  # the global mini-batch's stats, summed over ranks
                 value_loss = out_loss.value_loss if critic else torch.zeros_like(out_loss.loss)
-                stats.append(torch.stack([out_loss.policy_loss * share, value_loss * share,
+                share = lambda x: x * mine_of_total[0] / mine_of_total[1]  # noqa: E731  (x / tokens, bit for bit)
+                stats.append(torch.stack([share(out_loss.policy_loss), share(value_loss),
                                           out_loss.entropy * mine / tokens,
                                           out_loss.clipfrac * mine / tokens,
                                           out_loss.approx_kl * mine / tokens]))

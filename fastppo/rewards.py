@@ -46,7 +46,9 @@ def load(spec: str):
 
 def _value(spec, row, value):
     """A finite float, or the reason it is not one."""
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if isinstance(value, (bool, str, bytes)):
+        return None, f"returned {type(value).__name__} {value!r} for row {row}, not a number"
+    if not isinstance(value, Real):
         try:  # a 0-d tensor or numpy scalar
             value = float(value)
         except (TypeError, ValueError):
@@ -64,13 +66,18 @@ def score(fn, spec: str, prompts, responses, prompt_ids, response_ids, *,
     n = len(responses)
     rows = list(range(n)) if rows is None else list(rows)
     try:
-        out = list(fn(prompts, responses, prompt_ids, response_ids))
+        out = fn(prompts, responses, prompt_ids, response_ids)
     except Exception as err:  # the user's code: find the row that breaks it
         out = None
         batch_error = err
-    if out is not None and len(out) != n:
-        raise ValueError(f"reward_fn {spec!r} returned {len(out)} values for {n} responses "
-                         "(one float per response expected)")
+    if out is not None:  # no row to blame for these: always fatal
+        if isinstance(out, (str, bytes)) or not hasattr(out, "__len__"):
+            raise ValueError(f"reward_fn {spec!r} returned {type(out).__name__}, not a list of one "
+                             f"float per response ({n} responses)")
+        out = list(out)
+        if len(out) != n:
+            raise ValueError(f"reward_fn {spec!r} returned {len(out)} values for {n} responses "
+                             "(one float per response expected)")
     values, errors = [], 0
     for i in range(n):
         row = rows[i]
@@ -91,7 +98,10 @@ def score(fn, spec: str, prompts, responses, prompt_ids, response_ids, *,
                                  "to give such rows a fixed reward instead of stopping")
             value, errors = error_value, errors + 1
         values.append(value)
-    if out is None and errors == 0:  # every row works alone: the batch call itself is broken
+    if out is None and errors == 0 and error_value is None:
+        # every row works alone: the batch call itself is broken (with reward_fn_error_value set,
+        # the rows' own values stand: a flaky verifier does not stop the run)
         raise ValueError(f"reward_fn {spec!r} raised {type(batch_error).__name__}: {batch_error} on "
-                         f"rows {rows}, but on none of them alone")
+                         f"rows {rows}, but on none of them alone; set reward_fn_error_value to keep "
+                         "the rows' values scored one at a time")
     return values, errors

@@ -5,8 +5,9 @@ group's mean m and centred scores c_i = s_i - m:
     grpo      A_i = c_i / (std + eps),  std = sqrt(sum c^2 / (k - 1))   (Bessel, as TRL and verl)
     dr_grpo   A_i = c_i                                                 (Dr. GRPO: no division)
     rloo      A_i = s_i - mean of the k - 1 others = k / (k - 1) * c_i
-A group of one sample, or of equal scores, gets A = 0 (never NaN): its std is 0, and RLOO has no
-other sample to compare with.
+A group of one sample, or of equal scores, gets A = 0 exactly (never NaN, even with eps = 0): the
+scores are centred on the group's first one before its mean is taken, so equal scores give c = 0 in
+any precision, and RLOO has no other sample to compare a group of one with.
 
 Byte floor: each score read once, one float32 written per sample. One program per group holds the
 group in registers (two reductions, then the write). The backward is the reference's.
@@ -33,10 +34,13 @@ def _group_advantages_kernel(scores_ptr, out_ptr, k, rloo_scale, eps, MODE: tl.c
     offs = tl.arange(0, BLOCK)
     valid = offs < k
     s = tl.load(scores_ptr + base + offs, mask=valid, other=0.0).to(tl.float32)
-    c = tl.where(valid, s - tl.sum(s, axis=0) / k, 0.0)
+    # centred around the first score first: a group of equal scores is then exactly 0 (a float32
+    # mean of equal non-dyadic numbers is not the number, and c / (std + eps) would blow it up)
+    d = tl.where(valid, s - tl.sum(tl.where(offs == 0, s, 0.0), axis=0), 0.0)
+    c = tl.where(valid, d - tl.sum(d, axis=0) / k, 0.0)
     if MODE == 0:  # grpo
-        std = tl.sqrt(tl.sum(c * c, axis=0) / tl.maximum(k - 1, 1))
-        a = c / (std + eps)
+        denom = tl.sqrt(tl.sum(c * c, axis=0) / tl.maximum(k - 1, 1)) + eps
+        a = tl.where(denom > 0, c / tl.where(denom > 0, denom, 1.0), 0.0)
     elif MODE == 1:  # dr_grpo
         a = c
     else:  # rloo

@@ -112,16 +112,19 @@ def group_advantages(scores, group_size: int, *, mode: str = "grpo", eps: float 
         rloo     s - mean of the group's other samples = k / (k - 1) * c   (0 for a group of one)"""
     k = group_size
     s = scores.to(compute_dtype(scores)).reshape(-1, k)
-    c = s - s.mean(-1, keepdim=True)
+    d = s - s[:, :1]  # equal scores: exactly 0, whatever the precision of the mean below
+    c = d - d.mean(-1, keepdim=True)
     if mode == "dr_grpo":
         out = c
     elif mode == "rloo":
         out = c * (k / (k - 1) if k > 1 else 0.0)
     elif mode == "grpo":
         var = (c * c).sum(-1, keepdim=True) / max(k - 1, 1)
-        # sqrt's gradient at 0 is inf (x 0 = NaN): take the root only where the variance is positive
+        # sqrt's gradient at 0 is inf (x 0 = NaN): take the root only where the variance is positive;
+        # a zero denominator (equal scores, eps = 0) gives 0, not 0 / 0
         std = torch.where(var > 0, torch.where(var > 0, var, 1.0).sqrt(), 0.0)
-        out = c / (std + eps)
+        denom = std + eps
+        out = torch.where(denom > 0, c / torch.where(denom > 0, denom, 1.0), 0.0)
     else:
         raise ValueError(f"mode must be one of ('grpo', 'dr_grpo', 'rloo'); got {mode!r}")
     return out.reshape(scores.shape)

@@ -52,17 +52,19 @@ def entropy(logits, *, temperature=1.0, backend="auto"):
     return ent.view(logits.shape[:-1])
 
 
-def context(patch, unpatch, is_patched):
+def context(patcher, patch, unpatch):
     """The `patched()` context manager of an integration: patch for the block, then restore the peer
-    unless it was patched before the block."""
+    (unpatched, or patched with the backend it had, as before the block)."""
     @contextlib.contextmanager
     def patched(backend: str = "auto"):
-        was = is_patched()
+        was, backend_before = patcher.active, patcher.backend
         patch(backend)
         try:
             yield
         finally:
-            if not was:
+            if was:
+                patcher.backend = backend_before
+            else:
                 unpatch()
     patched.__doc__ = "`with patched(): ...` runs the block patched and restores the peer after it."
     return patched

@@ -1,7 +1,8 @@
 """fastppo's kernels inside OpenRLHF: log-probs and entropies from logits, and its PPO policy loss.
 
     import fastppo.integrations.openrlhf as fastppo_openrlhf
-    fastppo_openrlhf.patch()    # before OpenRLHF builds its actors (they construct PolicyLoss once)
+    fastppo_openrlhf.patch()    # before OpenRLHF builds its actors (they construct PolicyLoss once),
+                                # in every process that trains: its Ray actors, not only the driver
 
 What `patch()` replaces (tested with OpenRLHF 0.11.2; other versions get a warning, not a failure),
 in every OpenRLHF module that bound the name:
@@ -133,4 +134,4 @@ def is_patched() -> bool:
     return _patcher.active
 
 
-patched = _patching.context(patch, unpatch, is_patched)
+patched = _patching.context(_patcher, patch, unpatch)

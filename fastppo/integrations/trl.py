@@ -151,12 +151,11 @@ def patch(backend: str = "auto") -> None:
 
 def unpatch() -> None:
     """Put TRL's original functions back, everywhere they were replaced."""
-    _patcher.restore()
-    _originals.clear()
+    _patcher.restore()  # _originals stays: a FusedHead someone still holds can defer to TRL's op
 
 
 def is_patched() -> bool:
     return _patcher.active
 
 
-patched = _patching.context(patch, unpatch, is_patched)
+patched = _patching.context(_patcher, patch, unpatch)

@@ -1,7 +1,9 @@
 """fastppo's kernels inside verl: log-probs and entropies from logits, and a "fastppo" policy loss.
 
     import fastppo.integrations.verl as fastppo_verl
-    fastppo_verl.patch()    # before verl builds its engines (they capture the entropy function)
+    fastppo_verl.patch()    # before verl builds its engines (they capture the entropy function),
+                            # in every process that trains: verl's Ray workers (e.g. a worker's
+                            # setup hook), not only the driver
     # and, to use fastppo's PPO-clip definition: actor.policy_loss.loss_mode=fastppo
 
 What `patch()` replaces (tested with verl 0.9.1; other versions get a warning, not a failure), in
@@ -174,4 +176,4 @@ def is_patched() -> bool:
     return _patcher.active
 
 
-patched = _patching.context(patch, unpatch, is_patched)
+patched = _patching.context(_patcher, patch, unpatch)

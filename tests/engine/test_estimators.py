@@ -32,6 +32,17 @@ REWARDS_MODULE = textwrap.dedent('''
     def short(prompts, responses, prompt_ids, response_ids):
         return [0.0] * (len(responses) - 1)
 
+    def scalar(prompts, responses, prompt_ids, response_ids):
+        return 1.0
+
+    def text(prompts, responses, prompt_ids, response_ids):
+        return ["10"] * len(responses)
+
+    def flaky(prompts, responses, prompt_ids, response_ids):
+        if len(responses) > 1:
+            raise TimeoutError("the verifier timed out")
+        return [0.25]
+
     def boom_on_film(prompts, responses, prompt_ids, response_ids):
         if any("film" in p for p in prompts):
             raise RuntimeError("no films")
@@ -89,6 +100,15 @@ def test_reward_function_errors_name_the_function_and_the_row(reward_module):
     values, errors = rewards.score(rewards.load("my_rewards:boom_on_film"), "my_rewards:boom_on_film",
                                    *args, error_value=-1.0)
     assert (values, errors) == ([-1.0, 0.0], 1)
+    # no row to blame: fatal even with reward_fn_error_value (never a silent constant reward)
+    with pytest.raises(ValueError, match="returned float, not a list of one float per response"):
+        rewards.score(rewards.load("my_rewards:scalar"), "my_rewards:scalar", *args, error_value=-1.0)
+    with pytest.raises(ValueError, match="returned str '10' for row 0, not a number"):
+        rewards.score(rewards.load("my_rewards:text"), "my_rewards:text", *args)
+    with pytest.raises(ValueError, match="on none of them alone"):
+        rewards.score(rewards.load("my_rewards:flaky"), "my_rewards:flaky", *args)
+    assert rewards.score(rewards.load("my_rewards:flaky"), "my_rewards:flaky", *args,
+                         error_value=-1.0) == ([0.25, 0.25], 0)
     with pytest.raises(ValueError, match="must be 'module:function'"):
         rewards.load("my_rewards.words")
     with pytest.raises(ValueError, match="has no function 'nothing'"):

@@ -76,6 +76,18 @@ def test_patch_replaces_every_binding_and_unpatch_restores_them_exactly():
     assert orpo.selective_log_softmax is before["selective_log_softmax"]
 
 
+def test_patched_block_restores_the_backend_it_found():
+    import fastppo.integrations.trl as ftrl
+    ftrl.patch(backend="torch")
+    try:
+        with ftrl.patched(backend="native"):
+            assert ftrl._patcher.backend == "native"
+        assert ftrl.is_patched() and ftrl._patcher.backend == "torch"
+    finally:
+        ftrl.unpatch()
+    assert not ftrl.is_patched()
+
+
 def test_version_outside_the_tested_range_warns(monkeypatch):
     import fastppo.integrations.trl as ftrl
     monkeypatch.setattr("importlib.metadata.version", lambda name: "0.9.0")

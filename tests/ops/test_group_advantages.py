@@ -28,9 +28,13 @@ def test_hand_computed(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_groups_of_one_and_equal_scores_give_zero_not_nan(backend, mode):
-    for scores, k in ((torch.tensor([0.3, -2.0, 5.0]), 1), (torch.tensor([4.0, 4.0, 4.0, -1.0, -1.0, -1.0]), 3)):
+    # equal scores that are not dyadic (a float32 mean of them is not the number), odd group sizes
+    cases = [(torch.tensor([0.3, -2.0, 5.0]), 1, 1e-6), (torch.tensor([4.0] * 3 + [-1.0] * 3), 3, 1e-6)]
+    cases += [(torch.tensor([v] * k * 2), k, eps) for v in (10.1, 123.456, 3.3, 0.7) for k in (3, 5, 6, 7, 8)
+              for eps in (1e-6, 0.0)]
+    for scores, k, eps in cases:
         s = scores.to(DEVICE).requires_grad_()
-        out = group_advantages(s, k, mode=mode, backend=backend)
+        out = group_advantages(s, k, mode=mode, eps=eps, backend=backend)
         assert torch.equal(out.detach().cpu(), torch.zeros(len(scores)))
         out.mul(torch.arange(len(scores), device=DEVICE)).sum().backward()
         assert torch.isfinite(s.grad).all()

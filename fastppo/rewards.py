@@ -44,7 +44,7 @@ def load(spec: str):
     return fn
 
 
-def _value(spec, row, value):
+def _value(row, value):
     """A finite float, or the reason it is not one."""
     if isinstance(value, (bool, str, bytes)):
         return None, f"returned {type(value).__name__} {value!r} for row {row}, not a number"
@@ -85,12 +85,12 @@ def score(fn, spec: str, prompts, responses, prompt_ids, response_ids, *,
             try:
                 single = list(fn(prompts[i:i + 1], responses[i:i + 1], prompt_ids[i:i + 1],
                                  response_ids[i:i + 1]))
-                value, problem = _value(spec, row, single[0]) if len(single) == 1 else (
+                value, problem = _value(row, single[0]) if len(single) == 1 else (
                     None, f"returned {len(single)} values for 1 response (row {row})")
             except Exception as err:
                 value, problem = None, f"raised {type(err).__name__}: {err} on row {row}"
         else:
-            value, problem = _value(spec, row, out[i])
+            value, problem = _value(row, out[i])
         if problem is not None:
             if error_value is None:
                 detail = f" (response {responses[i]!r})" if len(responses[i]) < 200 else ""

@@ -120,10 +120,13 @@ class FusedHead:
             # TRL projects in the hidden states' dtype when autocast is off.
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
+        if "entropy" not in outputs:  # the reference model's call: log-probs only
+            return linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                         backend=_patcher.backend), None, None, None, None
         logprobs, entropy = linear_token_logprobs(hidden, weight, targets, bias=bias,
                                                   temperature=temperature, return_entropy=True,
                                                   backend=_patcher.backend)
-        return logprobs, (entropy if "entropy" in outputs else None), None, None, None
+        return logprobs, entropy, None, None, None
 
 
 def patch(backend: str = "auto") -> None:

@@ -248,6 +248,16 @@ def test_fused_head_values_and_gradients(ftrl, T, grad_of):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)  # TRL: 1e-4
 
 
+def test_fused_head_log_probs_only(ftrl):
+    # the reference model's call (add_fused_lm_head's default outputs): no entropy computed or returned
+    hidden, weight, labels = head_inputs()
+    lp, ent, *rest = utils()._ChunkedLogProbFunction.apply(hidden, weight, None, labels, 0.7, 32, None,
+                                                           1.0, ("log_probs",))
+    assert ent is None and rest == [None, None, None]
+    want, _ = head_truth(hidden, weight, labels, 0.7)
+    torch.testing.assert_close(lp.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_head_bf16_and_mixed_dtypes(ftrl):
     for dtype, wdtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)):
         hidden, weight, labels = head_inputs(dtype, wdtype)

@@ -13,6 +13,9 @@
 // One exp per logit instead of two (a per-lane online max would need a rescaling exp per vector).
 // Backward, per row (rows.h row_grad): log p = (x - m) / T - log s,  p = exp(log p),
 //   grad = (g_lp (1[v == label] - p) - g_h p (log p + H)) / T.
+// Top-k / top-p: given the per-row thresholds tau of csrc/truncation.cpp, both passes read the logits
+// below tau as -inf (the truncated distribution; a dropped label gets log p = -inf, a dropped logit a
+// zero gradient). Without them (None) the plain instantiation runs, bit for bit the untruncated op.
 #include "rows.h"
 
 #include <ATen/Parallel.h>
@@ -25,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace fastppo {
@@ -41,13 +45,34 @@ void advise_huge_pages(void* ptr, int64_t bytes) {
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 }
 
+// tau per row (float32, (N,)) from the optional thresholds, or nullptr: the plain op.
+const float* threshold_data(const c10::optional<at::Tensor>& thresholds, int64_t N) {
+  if (!thresholds.has_value()) return nullptr;
+  const at::Tensor& t = *thresholds;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == N && t.is_contiguous(),
+              "thresholds must be float32 (N,) contiguous");
+  return t.data_ptr<float>();
+}
+
+// Calls f(std::bool_constant<TRUNC>) with TRUNC = whether there are thresholds.
+template <typename F>
+void with_truncation(const float* tau, F&& f) {
+  if (tau != nullptr) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 }  // namespace
 
-// logits: (outer, inner, V) view with a contiguous last dim; labels: (N,) int64.
-// Returns (logprobs, entropy, m, log_s), float32 (N,).
+// logits: (outer, inner, V) view with a contiguous last dim; labels: (N,) int64; thresholds: None,
+// or float32 (N,) tau per row (logits < tau are dropped). Returns (logprobs, entropy, m, log_s),
+// float32 (N,), of the (truncated) distribution.
 std::vector<at::Tensor> token_logprobs_forward(at::Tensor logits, at::Tensor labels,
                                                double temperature, int64_t ignore_index,
-                                               bool return_entropy) {
+                                               bool return_entropy,
+                                               c10::optional<at::Tensor> thresholds) {
   TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "logits must be (outer, inner, V), unit stride");
   const int64_t outer = logits.size(0), inner = logits.size(1), V = logits.size(2), N = outer * inner;
   const int64_t so = logits.stride(0), si = logits.stride(1);
@@ -58,34 +83,46 @@ std::vector<at::Tensor> token_logprobs_forward(at::Tensor logits, at::Tensor lab
   const int64_t* y = labels.data_ptr<int64_t>();
   float *plp = lp.data_ptr<float>(), *pent = ent.data_ptr<float>();
   float *pm = mx.data_ptr<float>(), *pls = ls.data_ptr<float>();
+  const float* ptau = threshold_data(thresholds, N);
   dispatch(logits, [&](auto zero) {
     using scalar_t = decltype(zero);
     const scalar_t* base = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* x = base + (r / inner) * so + (r % inner) * si;
-        const int64_t label = y[r];
-        if (label == ignore_index) {
-          plp[r] = pent[r] = pm[r] = pls[r] = 0.f;
-          continue;
+    with_truncation(ptau, [&](auto trunc) {
+      constexpr bool TRUNC = decltype(trunc)::value;
+      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* x = base + (r / inner) * so + (r % inner) * si;
+          const int64_t label = y[r];
+          if (label == ignore_index) {
+            plp[r] = pent[r] = pm[r] = pls[r] = 0.f;
+            continue;
+          }
+          const float tau = TRUNC ? ptau[r] : NEG_INF;
+          const RowStats st = row_logsumexp<TRUNC>(x, V, inv_t, return_entropy, tau);
+          const bool in_vocab = label >= 0 && label < V;
+          float lp_r = std::numeric_limits<float>::quiet_NaN();
+          if (in_vocab) {
+            float xl = static_cast<float>(x[label]);
+            if (TRUNC && xl < tau) xl = NEG_INF;  // a dropped label: -inf, or NaN in a NaN row
+            lp_r = (xl - st.m) * inv_t - st.log_s;
+          }
+          plp[r] = lp_r;
+          pent[r] = return_entropy ? st.entropy : 0.f;
+          pm[r] = st.m;
+          pls[r] = st.log_s;
         }
-        const RowStats st = row_logsumexp(x, V, inv_t, return_entropy);
-        const bool in_vocab = label >= 0 && label < V;
-        plp[r] = in_vocab ? (static_cast<float>(x[label]) - st.m) * inv_t - st.log_s
-                          : std::numeric_limits<float>::quiet_NaN();
-        pent[r] = return_entropy ? st.entropy : 0.f;
-        pm[r] = st.m;
-        pls[r] = st.log_s;
-      }
+      });
     });
   });
   return {lp, ent, mx, ls};
 }
 
 // Writes the gradient into `grad` ((outer, inner, V) with a unit last stride; may alias logits).
+// thresholds: the forward's, or None.
 void token_logprobs_backward(at::Tensor logits, at::Tensor labels, at::Tensor mx, at::Tensor ls,
                              at::Tensor ent, at::Tensor g_lp, at::Tensor g_h, at::Tensor grad,
-                             double temperature, int64_t ignore_index, bool has_g_h) {
+                             double temperature, int64_t ignore_index, bool has_g_h,
+                             c10::optional<at::Tensor> thresholds) {
   const int64_t inner = logits.size(1), V = logits.size(2), N = logits.size(0) * inner;
   const int64_t so = logits.stride(0), si = logits.stride(1);
   const int64_t gso = grad.stride(0), gsi = grad.stride(1);
@@ -96,21 +133,25 @@ void token_logprobs_backward(at::Tensor logits, at::Tensor labels, at::Tensor mx
   const int64_t* y = labels.data_ptr<int64_t>();
   const float *pm = mx.data_ptr<float>(), *pls = ls.data_ptr<float>(), *pent = ent.data_ptr<float>();
   const float *pglp = g_lp.data_ptr<float>(), *pgh = has_g_h ? g_h.data_ptr<float>() : nullptr;
+  const float* ptau = threshold_data(thresholds, N);
   dispatch(logits, [&](auto zero) {
     using scalar_t = decltype(zero);
     const scalar_t* base = logits.data_ptr<scalar_t>();
     scalar_t* gbase = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r / inner, i = r % inner;
-        scalar_t* g = gbase + o * gso + i * gsi;
-        if (y[r] == ignore_index) {
-          std::fill(g, g + V, static_cast<scalar_t>(0.f));
-          continue;
+    with_truncation(ptau, [&](auto trunc) {
+      constexpr bool TRUNC = decltype(trunc)::value;
+      at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t o = r / inner, i = r % inner;
+          scalar_t* g = gbase + o * gso + i * gsi;
+          if (y[r] == ignore_index) {
+            std::fill(g, g + V, static_cast<scalar_t>(0.f));
+            continue;
+          }
+          row_grad<TRUNC>(base + o * so + i * si, g, V, y[r], pm[r], pls[r], pent[r], pglp[r],
+                          has_g_h ? pgh[r] : 0.f, inv_t, has_g_h, TRUNC ? ptau[r] : NEG_INF);
         }
-        row_grad(base + o * so + i * si, g, V, y[r], pm[r], pls[r], pent[r], pglp[r],
-                 has_g_h ? pgh[r] : 0.f, inv_t, has_g_h);
-      }
+      });
     });
   });
 }

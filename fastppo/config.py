@@ -230,9 +230,11 @@ class PPOConfig(ModelOptions):
     temperature: float = 1.0
     """Sampling temperature, applied identically in rollout log-probs and training."""
     top_k: int = 0
-    """Sample from the k most likely tokens (0: all)."""
+    """Sample from the k most likely tokens (0: all; ties at the k-th are kept). The trained policy
+    is the truncated one: old and new log-probs, entropy and KL term use the same top-k."""
     top_p: float = 1.0
-    """Nucleus sampling mass (1: all)."""
+    """Nucleus sampling mass (1: all): a token is dropped once the kept tokens more likely than it
+    hold p of the mass. Trained as sampled, like top_k."""
     rollout_engine: str = "hf"
     """What generates the rollouts: "hf" (the built-in sampler over the live policy, the reference)
     or "vllm" (vLLM in this process, its weights replaced by the policy's before every rollout; the

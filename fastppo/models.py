@@ -228,15 +228,16 @@ def fusable_head(lm, enabled: bool = True) -> nn.Linear | None:
 
 
 def head_logprobs(out, head: nn.Linear | None, labels, *, temperature: float = 1.0,
-                  return_entropy: bool = False):
+                  return_entropy: bool = False, top_k: int = 0, top_p: float = 1.0):
     """Per-token log-probs (float32) of `labels` from a model's output: logits (head None), or
     hidden states through the fused head (call it under the forward's precision context: the head's
-    matmul runs at autocast's dtype as the LM head would)."""
+    matmul runs at autocast's dtype as the LM head would); with top_k / top_p under the sampler's
+    truncated distribution (-inf for a label outside its kept set)."""
+    options = dict(temperature=temperature, return_entropy=return_entropy, top_k=top_k,
+                   top_p=top_p, validate=False)
     if head is None:
-        return token_logprobs(out, labels, temperature=temperature, return_entropy=return_entropy,
-                              validate=False)
-    return linear_token_logprobs(out, head.weight, labels, bias=head.bias, temperature=temperature,
-                                 return_entropy=return_entropy, validate=False)
+        return token_logprobs(out, labels, **options)
+    return linear_token_logprobs(out, head.weight, labels, bias=head.bias, **options)
 
 
 def enable_gradient_checkpointing(lm) -> None:

@@ -15,10 +15,19 @@ The rollout's log-probs and values come from the same forward as training (same 
 mini-batches as the first epoch), not from the sampler: the first mini-batch sees ratio = 1. The
 sampler's own log-probs measure how far its distribution is from the trainer's (logged every
 iteration) and, with tis_cap, reweigh the policy gradient (truncated importance sampling).
+
+With top_k / top_p the trained policy is the one that samples: old and new log-probs, the entropy
+bonus and the KL term are those of the truncated distribution at the current parameters
+(fastppo.kernels' top_k / top_p); the reference model stays the full tempered distribution (a sampled
+token always has positive probability under it, so the KL is finite). A sampled token the trainer's
+own forward puts outside its kept set (a rounding difference at the boundary between the sampler's
+logits and the trainer's) is taken out of the loss (`outside_kept_rollout` counts them); one that
+leaves the kept set during the PPO epochs counts with ratio 0 (`outside_kept_train`, a fraction).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -70,14 +79,28 @@ def generate_global(rollout, prompts, iteration, cfg) -> Batch:
                  sampler[:, :R])
 
 
-def sampler_gap(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict:
+def sampler_gap(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor,
+                suffix: str = "") -> dict:
     """How far the rollout's sampler drew from the trainer's distribution, on the sampled tokens:
     mean and max |log pi_trainer - log pi_sampler| and the k3 estimate of KL(sampler || trainer)."""
     d = (trainer - sampler)[mask].double()
+    keys = [f"sampler_gap_mean{suffix}", f"sampler_gap_max{suffix}", f"sampler_kl{suffix}"]
     if not d.numel():
-        return {"sampler_gap_mean": 0.0, "sampler_gap_max": 0.0, "sampler_kl": 0.0}
-    return {"sampler_gap_mean": d.abs().mean().item(), "sampler_gap_max": d.abs().max().item(),
-            "sampler_kl": (d.exp() - 1 - d).mean().item()}
+        return dict.fromkeys(keys, 0.0)
+    return dict(zip(keys, (d.abs().mean().item(), d.abs().max().item(),
+                           (d.exp() - 1 - d).mean().item())))
+
+
+def truncation_metrics(old_logprobs, plain_logprobs, sampler_logprobs, mask, outside) -> dict:
+    """What top-k/top-p sampling does to the scores, on the sampled tokens: kept_mass, the mean mass
+    of the kept set under the untruncated policy (p_plain / p_truncated of each token; what the peers'
+    ratio silently averages to, scoring truncated samples under the full softmax); the sampler gap
+    against the untruncated log-probs (the kept-mass bias the truncation-aware gap removes); and
+    outside_kept_rollout, the sampled tokens the trainer puts outside its kept set."""
+    ratio = (plain_logprobs - old_logprobs)[mask].double().exp()
+    return {"kept_mass": ratio.mean().item() if ratio.numel() else 1.0,
+            **sampler_gap(plain_logprobs, sampler_logprobs, mask, suffix="_untruncated"),
+            "outside_kept_rollout": int(outside.sum())}
 
 
 def make_rollout(cfg: PPOConfig, model: ActorCritic, *, eos: int, pad: int, longest: int):
@@ -124,13 +147,18 @@ def make_scorer(cfg: PPOConfig, reward_model, reward_fn, tokenizer):
 
 
 @torch.no_grad()
-def rollout_forward(model, reference, score, batch, order, cfg, temperature, heads, critic):
-    """Old log-probs and values (actor-critic; no values without a critic), reference log-probs,
-    scores: one no-grad pass each, in the mini-batches of the first PPO epoch (`order`; each rank
-    takes its share of each), at the sampling temperature. Every rank ends with the whole batch's.
+def rollout_forward(model, reference, score, batch, order, cfg, sampling, heads, critic):
+    """Old log-probs (under the sampling distribution: temperature, top-k, top-p) and values
+    (actor-critic; no values without a critic), the policy's untruncated log-probs (the kept-mass
+    metric; with top-k/top-p only, else the old ones), reference log-probs (full tempered
+    distribution), scores: one no-grad pass each, in the mini-batches of the first PPO epoch
+    (`order`; each rank takes its share of each). Every rank ends with the whole batch's.
     heads: the policy's and the reference's fusable LM heads (None: from logits)."""
     B, R = batch.response_mask.shape
+    temperature = sampling.temperature
+    truncated = bool(sampling.top_k) or sampling.top_p < 1.0
     old_logprobs = torch.zeros(B, R, device=cfg.device)
+    plain_logprobs = torch.zeros_like(old_logprobs) if truncated else old_logprobs
     values, ref_logprobs = torch.zeros_like(old_logprobs), torch.zeros_like(old_logprobs)
     scores = torch.zeros(B, device=cfg.device)
     errors = torch.zeros((), device=cfg.device)
@@ -142,7 +170,11 @@ def rollout_forward(model, reference, score, batch, order, cfg, temperature, hea
         with precision(cfg.device, cfg.dtype):  # as in training: the same logits, bit for bit
             states, v = model(mb.input_ids, mb.attention_mask, mb.response_positions,
                               hidden_only=heads[0] is not None, with_values=critic)
-            old_logprobs[idx] = head_logprobs(states, heads[0], labels, temperature=temperature)
+            old_logprobs[idx] = head_logprobs(states, heads[0], labels, temperature=temperature,
+                                              top_k=sampling.top_k, top_p=sampling.top_p)
+            if truncated:
+                plain_logprobs[idx] = head_logprobs(states, heads[0], labels,
+                                                    temperature=temperature)
             if critic:
                 values[idx] = v
         t0 = time.perf_counter()
@@ -156,8 +188,9 @@ def rollout_forward(model, reference, score, batch, order, cfg, temperature, hea
         timings["reference"] += t1 - t0
         timings["score"] += time.perf_counter() - t1
     # each row from one rank
-    distributed.sum_over_ranks(old_logprobs, values, ref_logprobs, scores, errors)
-    return old_logprobs, values, ref_logprobs, scores, int(errors), timings
+    distributed.sum_over_ranks(old_logprobs, values, ref_logprobs, scores, errors,
+                               *([plain_logprobs] if truncated else []))
+    return old_logprobs, plain_logprobs, values, ref_logprobs, scores, int(errors), timings
 
 
 def estimate_advantages(cfg, rewards_, old_values, mask):
@@ -233,7 +266,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
                   torch.ones(1, 1, dtype=torch.bool, device=cfg.device))
         model.reshard()
     rollout = make_rollout(cfg, model, eos=eos, pad=pad, longest=longest)
-    temperature = rollout.sampling.temperature
+    sampling = rollout.sampling  # the trained distribution is the sampled one (temperature, top-k/p)
+    temperature, truncation = sampling.temperature, dict(top_k=sampling.top_k, top_p=sampling.top_p)
     # Log-probs and the loss straight from hidden states where the LM heads allow (no logits); under
     # torchrun FSDP2 shards the heads, and the logits path runs.
     fused = cfg.fused_linear and distributed.world() == 1
@@ -284,8 +318,15 @@ def train_ppo(cfg: PPOConfig) -> Path:
         # 2. Old log-probs and values, reference log-probs (cached for every epoch), scores.
         epoch_orders = [torch.randperm(cfg.batch_size, generator=generator)
                         for _ in range(cfg.ppo_epochs)]
-        old_logprobs, old_values, ref_logprobs, scores, reward_fn_errors, timings = rollout_forward(
-            model, reference, score, batch, epoch_orders[0], cfg, temperature, heads, critic)
+        (old_logprobs, plain_logprobs, old_values, ref_logprobs, scores, reward_fn_errors,
+         timings) = rollout_forward(model, reference, score, batch, epoch_orders[0], cfg, sampling,
+                                    heads, critic)
+        # A sampled token outside the trainer's kept set (probability 0 to it: the sampler's logits
+        # and the trainer's differ by rounding at the boundary) has no finite ratio: out of the loss.
+        outside = mask & (old_logprobs == float("-inf"))
+        mask = mask & ~outside
+        batch = dataclasses.replace(batch, response_mask=mask)
+        old_logprobs.masked_fill_(outside, 0.0)
 
         # 3. Rewards (the KL penalty in them, or in the loss: kl_in_loss) and advantages.
         token_rewards = kl_rewards(old_logprobs, ref_logprobs, scores, mask,
@@ -296,7 +337,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
         # 4. PPO epochs over mini-batches. Each rank takes its share of every mini-batch; its loss
         # is its share of the global mini-batch's mean (share_of_mean: over tokens, or over
         # responses of their token means), so the gradient FSDP averages is the one-process one.
-        stats, first_ratio_error = [], None
+        stats, outside_train, first_ratio_error = [], [], None
         by_tokens = cfg.loss_reduction == "token-mean"
         for order in epoch_orders:
             for i in range(0, cfg.batch_size, cfg.mini_batch_size):
@@ -309,7 +350,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
                     mb.response_mask.any(-1).sum(), responses)
                 options = dict(
                     clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
-                    entropy_coef=cfg.entropy_coef, temperature=temperature,
+                    entropy_coef=cfg.entropy_coef, temperature=temperature, **truncation,
+                    # the policy moves between mini-batches: a sampled token may leave its kept set
+                    allow_outside_kept=True,
                     reduction="sum" if by_tokens else "seq-mean-token-mean", tis_cap=cfg.tis_cap,
                     sampler_logprobs=None if cfg.tis_cap is None else mb.sampler_logprobs)
                 if critic:
@@ -335,11 +378,13 @@ def train_ppo(cfg: PPOConfig) -> Path:
                 if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
                     with torch.no_grad(), precision(cfg.device, cfg.dtype):
                         lp = head_logprobs(states.detach(), head, mb.responses.masked_fill(
-                            ~mb.response_mask, -100), temperature=temperature)
+                            ~mb.response_mask, -100), temperature=temperature, **truncation)
                         ratio = torch.exp(lp - old_logprobs[idx])[mb.response_mask]
                         first_ratio_error = distributed.max_over_ranks(
                             (ratio - 1).abs().max().item() if ratio.numel() else 0.0, cfg.device)
                 mine = mb.response_mask.sum()  # the global mini-batch's stats, summed over ranks
+                if out_loss.outside_kept is not None:
+                    outside_train.append(out_loss.outside_kept * mine / tokens)
                 value_loss = out_loss.value_loss if critic else torch.zeros_like(out_loss.loss)
                 share = lambda x: x * mine_of_total[0] / mine_of_total[1]  # noqa: E731  (x / tokens, bit for bit)
                 stats.append(torch.stack([share(out_loss.policy_loss), share(value_loss),
@@ -359,6 +404,10 @@ def train_ppo(cfg: PPOConfig) -> Path:
         distributed.sum_over_ranks(stats)
         mean = dict(zip(("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl"),
                         stats.mean(0).tolist()))
+        if outside_train:
+            outside_train = torch.stack(outside_train)
+            distributed.sum_over_ranks(outside_train)
+            mean["outside_kept_train"] = outside_train.mean().item()
 
         # 5. Log; adapt the KL coefficient; checkpoint.
         lengths = mask.sum(-1).float()
@@ -367,6 +416,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
             "step": iteration, "score_mean": scores.mean().item(), "score_std": scores.std().item(),
             "reward": (token_rewards * mask).sum(-1).mean().item(), "kl": kl, "kl_coef": kl_coef,
             "entropy": mean["entropy"], "policy_loss": mean["policy_loss"],
+            "logprob_mean": old_logprobs[mask].mean().item() if mask.any() else 0.0,
             "value_loss": mean["value_loss"], "clipfrac": mean["clipfrac"],
             "approx_kl": mean["approx_kl"], "first_ratio_max_error": first_ratio_error,
             "explained_variance": (explained_variance(old_values, returns, mask) if critic
@@ -384,6 +434,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
                 peak_memory_mib(cfg.device) - memory_at_start, cfg.device),
             "world_size": distributed.world(),
             **sampler_gap(old_logprobs, batch.sampler_logprobs, mask),
+            **truncation_metrics(old_logprobs, plain_logprobs, batch.sampler_logprobs, mask,
+                                 outside),
+            "outside_kept_train": mean.get("outside_kept_train", 0.0),
         }
         log.write(row)
         progress.set_postfix(score=f"{row['score_mean']:+.3f}", kl=f"{kl:.3f}",

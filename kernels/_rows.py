@@ -12,8 +12,19 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
-def row_logsumexp(base, n_read, temperature, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+def truncate(x, threshold, TRUNCATED: tl.constexpr):
+    """With TRUNCATED, logits below the row's top-k/top-p threshold (fastppo.kernels._truncation)
+    become -inf: they are out of the sampler's kept set. NaN stays NaN (NaN in, NaN out)."""
+    if TRUNCATED:
+        x = tl.where((x >= threshold) | (x != x), x, float("-inf"))
+    return x
+
+
+@triton.jit
+def row_logsumexp(base, n_read, temperature, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+                  threshold, TRUNCATED: tl.constexpr):
     """One pass over a row's first n_read logits -> (m, log s, entropy) in float32.
+    With TRUNCATED, over the logits >= threshold only (the truncated distribution's).
 
     Online log-sum-exp over blocks. With d = (x - m) / T relative to the running max m:
         s = sum exp(d),   t = sum exp(d) * d      (so entropy = log s - t / s)
@@ -29,6 +40,7 @@ def row_logsumexp(base, n_read, temperature, ENTROPY: tl.constexpr, BLOCK_V: tl.
     for start in range(0, n_read, BLOCK_V):
         offs = start + cols
         x = tl.load(base + offs, mask=offs < n_read, other=float("-inf")).to(tl.float32)
+        x = truncate(x, threshold, TRUNCATED)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         shift = tl.where(s > 0.0, (m - m_ref) / temperature, 0.0)
@@ -45,18 +57,24 @@ def row_logsumexp(base, n_read, temperature, ENTROPY: tl.constexpr, BLOCK_V: tl.
 
 @triton.jit
 def row_softmax_grad(base, grad_base, label, active, V, m, log_s, h, g_lp, g_h, temperature,
-                     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+                     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+                     threshold, TRUNCATED: tl.constexpr):
     """Write d(g_lp * logprob + g_h * entropy) / d x for one row, recomputing p from (m, log s):
         d logprob / d x_v = (1[v == label] - p_v) / T,    d entropy / d x_v = -p_v (log p_v + H) / T
-    Inactive rows read nothing and write zeros."""
+    With TRUNCATED the kept set is held fixed: p_v = 0 and a zero gradient below the threshold, and
+    the one-hot term only where the label is kept. Inactive rows read nothing and write zeros."""
     cols = tl.arange(0, BLOCK_V)
     n_read = tl.where(active, V, 0)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         x = tl.load(base + offs, mask=offs < n_read, other=float("-inf")).to(tl.float32)
+        is_label = offs == label
+        if TRUNCATED:
+            is_label = is_label & ((x >= threshold) | (x != x))
+        x = truncate(x, threshold, TRUNCATED)
         logp = (x - m) / temperature - log_s
         p = tl.exp(logp)
-        g = tl.where(offs == label, g_lp, 0.0) - g_lp * p
+        g = tl.where(is_label, g_lp, 0.0) - g_lp * p
         if HAS_GRAD_ENTROPY:
             g -= g_h * tl.where(p > 0.0, p * (logp + h), 0.0)
         g = tl.where(active, g / temperature, 0.0)

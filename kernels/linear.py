@@ -33,14 +33,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastppo.kernels import reference
 from fastppo.kernels._checks import (FLOAT_DTYPES, check_same_device, check_tensor,
                                      check_token_inputs, resolve_backend)
+from fastppo.kernels._truncation import check_truncation
 from fastppo.kernels.ppo_loss import (STATS, NativePPOLossFunction, PPOLossFunction,
-                                      PPOLossOptions, check_ppo_inputs, fused_inputs, summary)
+                                      PPOLossOptions, check_ppo_inputs, fused_inputs,
+                                      reference_with_truncation, summary)
 from fastppo.kernels.reference import PPOLossOutput
 from fastppo.kernels.token_logprobs import (NativeTokenLogprobsFunction, TokenLogprobsFunction,
-                                            token_logprobs)
+                                            check_in_kept_set, token_logprobs)
 
 CHUNKS = 32                     # default: N / 32 rows per chunk (each ~3% of the logits)...
 CHUNK_FLOOR_BYTES = 64 * 2**20  # ...or as many rows as 64 MiB of float32 logits hold, if more
@@ -136,11 +137,12 @@ def _grad_buffers(needs, hidden, weight, bias):
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     """(N, H) hidden -> (N,) log-probs and entropies, chunk by chunk; backward recomputes each
-    chunk's logits. Row passes: the backend's token_logprobs kernels."""
+    chunk's logits. Row passes: the backend's token_logprobs kernels (trunc: their top-k / top-p
+    truncation, or None)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
-                backend, chunk):
+                backend, chunk, trunc=None):
         head = _Head(hidden, weight, bias)
         n = hidden.shape[0]
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -150,11 +152,12 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                 rows = slice(start, min(n, start + chunk))
                 out = token_logprobs(head.logits(hidden[rows]), labels[rows],
                                      temperature=temperature, ignore_index=ignore_index,
-                                     return_entropy=return_entropy, validate=False, backend=backend)
+                                     return_entropy=return_entropy, validate=False, backend=backend,
+                                     **_truncation_args(trunc))
                 logprobs[rows], entropy[rows] = out if return_entropy else (out, 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.head, ctx.chunk, ctx.backend = head, chunk, backend
-        ctx.options = (temperature, ignore_index, return_entropy)
+        ctx.options = (temperature, ignore_index, return_entropy, trunc)
         ctx.set_materialize_grads(False)
         return logprobs, entropy
 
@@ -162,7 +165,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, labels = ctx.saved_tensors
         head, chunk, backend = ctx.head, ctx.chunk, ctx.backend
-        temperature, ignore_index, return_entropy = ctx.options
+        temperature, ignore_index, return_entropy, trunc = ctx.options
         grad_hidden, grad_weight, grad_bias = _grad_buffers(ctx.needs_input_grad, hidden, weight,
                                                             bias)
         n = hidden.shape[0]
@@ -175,14 +178,15 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                 logits = head.logits(hidden[rows]).requires_grad_()
                 if backend == "native":  # the gradient written over the recomputed logits
                     lp, ent = NativeTokenLogprobsFunction.apply(
-                        logits, labels[rows], temperature, ignore_index, with_entropy, True)
+                        logits, labels[rows], temperature, ignore_index, with_entropy, True, trunc)
                 elif backend == "triton":
                     lp, ent = TokenLogprobsFunction.apply(logits, labels[rows], temperature,
-                                                          ignore_index, with_entropy)
+                                                          ignore_index, with_entropy, trunc)
                 else:
                     out = token_logprobs(logits, labels[rows], temperature=temperature,
                                          ignore_index=ignore_index, return_entropy=with_entropy,
-                                         validate=False, backend="torch")
+                                         validate=False, backend="torch",
+                                         **_truncation_args(trunc))
                     lp, ent = out if with_entropy else (out, None)
                 outputs, grads = [lp], [grad_logprobs[rows]]
                 if with_entropy:
@@ -192,7 +196,11 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                 _accumulate(head, hidden[rows], grad_logits, grad_hidden, grad_weight, grad_bias,
                             rows)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return (grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias)) + (None,) * 6
+        return (grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias)) + (None,) * 7
+
+
+def _truncation_args(trunc) -> dict:
+    return {} if trunc is None else dict(top_k=trunc.top_k, top_p=trunc.top_p)
 
 
 # ----------------------------------------------------------------------- CPU: vocabulary tiles
@@ -303,6 +311,8 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
     validate: bool = True,
     backend: str = "auto",
     chunk_rows: int | None = None,
@@ -314,7 +324,9 @@ def linear_token_logprobs(
             scored. Under torch.autocast the matmuls run in autocast's dtype, as the LM head would.
         weight: (V, H), the LM head's weight (tied to the embedding or not: gradients of both uses
             add up in the shared parameter). bias: (V,) or None.
-        labels, temperature, ignore_index, return_entropy, validate, backend: as in token_logprobs.
+        labels, temperature, ignore_index, return_entropy, top_k, top_p, validate, backend: as in
+            token_logprobs (with top_k / top_p the CPU backward runs row chunks, not vocabulary
+            tiles: the threshold needs a whole row).
         chunk_rows: rows per chunk (default: ceil(N / 32), or the rows 64 MiB of float32 logits
             hold if more); the CPU "native" backward tiles the vocabulary instead. See the module
             docstring.
@@ -327,6 +339,8 @@ def linear_token_logprobs(
     _check_linear(hidden, weight, bias, labels)
     temperature = check_token_inputs(_stand_in(hidden, weight, labels), labels, temperature,
                                      ignore_index, validate)
+    trunc = check_truncation(top_k, top_p)
+    trunc = trunc if trunc.active else None
     backend = resolve_backend(backend, hidden.device, native_dtype=_matmul_dtype(hidden, weight))
     shape = labels.shape
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
@@ -334,13 +348,15 @@ def linear_token_logprobs(
     chunk = _chunk_rows(labels1.numel(), weight.shape[0], chunk_rows)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (hidden, weight, bias))
-    if backend == "native" and grad:  # CPU backward: vocabulary tiles (TiledLinear...Function)
+    if backend == "native" and grad and trunc is None:  # CPU backward: vocabulary tiles
         lp, ent = TiledLinearTokenLogprobsFunction.apply(hidden2, weight, bias, labels1, temperature,
                                                          ignore_index, bool(return_entropy))
     else:
         lp, ent = LinearTokenLogprobsFunction.apply(hidden2, weight, bias, labels1, temperature,
                                                     ignore_index, bool(return_entropy), backend,
-                                                    chunk)
+                                                    chunk, trunc)
+    if validate and trunc is not None:
+        check_in_kept_set(lp, labels1 != ignore_index, "labels")
     return (lp.view(shape), ent.view(shape)) if return_entropy else lp.view(shape)
 
 
@@ -418,6 +434,9 @@ def linear_ppo_loss(
     sampler_logprobs: torch.Tensor | None = None,
     tis_cap: float | None = None,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    allow_outside_kept: bool = False,
     reduction: str = "token-mean",
     backend: str = "auto",
     chunk_rows: int | None = None,
@@ -436,7 +455,8 @@ def linear_ppo_loss(
     opts = PPOLossOptions(
         temperature=temperature, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
         dual_clip=dual_clip, value_clip=value_clip, vf_coef=vf_coef, entropy_coef=entropy_coef,
-        kl_coef=kl_coef, kl_estimator=kl_estimator, reduction=reduction, tis_cap=tis_cap)
+        kl_coef=kl_coef, kl_estimator=kl_estimator, reduction=reduction, tis_cap=tis_cap,
+        top_k=top_k, top_p=top_p, allow_outside_kept=allow_outside_kept)
     tensors = dict(old_logprobs=old_logprobs, advantages=advantages, values=values,
                    old_values=old_values, returns=returns, ref_logprobs=ref_logprobs,
                    sampler_logprobs=sampler_logprobs)
@@ -447,9 +467,10 @@ def linear_ppo_loss(
     if backend == "torch":  # the reference: log-probs and entropies, then the per-token terms
         lp, entropy = linear_token_logprobs(hidden2, weight, labels.reshape(-1), bias=bias,
                                             temperature=opts.temperature, return_entropy=True,
-                                            validate=False, backend=backend, chunk_rows=chunk)
-        return reference.ppo_loss_from_logprobs(lp.view(labels.shape), entropy.view(labels.shape),
-                                                mask=mask, **tensors, **opts.reference_terms())
+                                            top_k=opts.top_k, top_p=opts.top_p, validate=False,
+                                            backend=backend, chunk_rows=chunk)
+        return reference_with_truncation(lp.view(labels.shape), entropy.view(labels.shape), mask,
+                                         opts, tensors)
 
     weights, advantages = fused_inputs(mask, opts, old_logprobs, advantages, sampler_logprobs)
     flat = lambda t, dtype=None: None if t is None else t.reshape(-1).to(  # noqa: E731
@@ -462,4 +483,4 @@ def linear_ppo_loss(
         hidden2, weight, bias, values1, flat(labels), flat(mask), flat(weights),
         flat(old_logprobs), flat(advantages), flat(old_values), flat(returns), flat(ref_logprobs),
         opts, backend == "native", chunk, needs)
-    return summary(loss, stats, mask, weights, old_logprobs, values)
+    return summary(loss, stats, mask, weights, old_logprobs, values, opts)

@@ -12,9 +12,13 @@ token's d loss / d lp and d loss / d V (scalars, times w). Backward: one more re
 write of the gradient (the shared softmax-gradient loop, with g_lp = g * dlp and g_H = -g * w * c_H),
 and the value gradient from the same launch.
 Byte floor: forward N*V*b, backward 2*N*V*b (b bytes per logit), plus ~40 bytes per token.
+Top-k / top-p: lp, H and their gradient are the truncated distribution's (as in token_logprobs: each
+row's threshold first, fastppo.kernels._truncation, then the same passes with the logits below it
+read as -inf).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +28,12 @@ from fastppo.kernels._checks import (check_choice, check_mask, check_per_token, 
                                      check_same_device, check_token_inputs, resolve_backend)
 from fastppo.kernels._layout import as_outer_inner
 from fastppo.kernels._rows import (gradient_buffer, launch_config, row_logsumexp,
-                                   row_softmax_grad)
+                                   row_softmax_grad, truncate)
+from fastppo.kernels._truncation import Truncation, check_truncation
 from fastppo.kernels._triton import tl, triton
 from fastppo.kernels.kl import ESTIMATORS, kl_term, kl_term_grad
 from fastppo.kernels.reference import REDUCTIONS, PPOLossOutput, reduction_weights
-from fastppo.kernels.token_logprobs import token_logprobs
+from fastppo.kernels.token_logprobs import check_in_kept_set, row_thresholds, token_logprobs
 
 # The rows of the per-token buffer the forward fills, in order: the one definition. The kernels read
 # the constexprs below (jitted code may read only constexpr globals), Python indexes with int(NAME),
@@ -43,7 +48,7 @@ LP, ENTROPY, PG, VF, CLIPPED, VCLIPPED, LOSS, DLP, DV, MAX, LOGSUM = (
 def _ppo_loss_fwd_kernel(
     # pointers
     logits_ptr, labels_ptr, mask_ptr, weight_ptr, old_lp_ptr, adv_ptr, values_ptr, old_values_ptr,
-    returns_ptr, ref_lp_ptr, out_ptr,
+    returns_ptr, ref_lp_ptr, out_ptr, threshold_ptr,
     # shapes
     n_inner, V, N,
     # strides (of the logits' two row dimensions)
@@ -51,15 +56,21 @@ def _ppo_loss_fwd_kernel(
     # meta
     temperature, clip_low, clip_high, dual_clip, value_clip, vf_coef, entropy_coef, kl_coef,
     HAS_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, HAS_VALUES: tl.constexpr,
-    HAS_VALUE_CLIP: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_VALUE_CLIP: tl.constexpr, KL_ESTIMATOR: tl.constexpr, TRUNCATED: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
     active = tl.load(mask_ptr + row) != 0
     label = tl.load(labels_ptr + row).to(tl.int64)
-    m, log_s, entropy = row_logsumexp(base, tl.where(active, V, 0), temperature, True, BLOCK_V)
+    threshold = float("-inf")
+    if TRUNCATED:
+        threshold = tl.load(threshold_ptr + row)
+    m, log_s, entropy = row_logsumexp(base, tl.where(active, V, 0), temperature, True, BLOCK_V,
+                                      threshold, TRUNCATED)
     in_vocab = (label >= 0) & (label < V)
     x_label = tl.load(base + tl.where(active & in_vocab, label, 0)).to(tl.float32)
+    x_label = truncate(x_label, threshold, TRUNCATED)  # outside the kept set: lp = -inf
     lp = tl.where(in_vocab, (x_label - m) / temperature - log_s, float("nan"))
     w = tl.load(weight_ptr + row)
 
@@ -87,6 +98,8 @@ def _ppo_loss_fwd_kernel(
     dlp = dpg
     if KL_ESTIMATOR > 0:
         x = lp - tl.load(ref_lp_ptr + row).to(tl.float32)
+        if TRUNCATED:  # lp = -inf (label outside the kept set): no KL term (reference.py)
+            x = tl.where(lp == float("-inf"), 0.0, x)
         loss += kl_coef * kl_term(x, KL_ESTIMATOR)
         dlp += kl_coef * kl_term_grad(x, KL_ESTIMATOR)
 
@@ -132,17 +145,21 @@ def _ppo_loss_fwd_kernel(
 def _ppo_loss_bwd_kernel(
     # pointers
     logits_ptr, labels_ptr, mask_ptr, weight_ptr, stats_ptr, grad_out_ptr, grad_logits_ptr,
-    grad_values_ptr,
+    grad_values_ptr, threshold_ptr,
     # shapes
     n_inner, V, N,
     # strides (logits; and the gradient's, which equal the logits' when written in place)
     stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
     # meta
     temperature, entropy_coef,
-    HAS_ENTROPY: tl.constexpr, HAS_VALUES: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, HAS_VALUES: tl.constexpr, TRUNCATED: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     outer, inner = row // n_inner, row % n_inner
+    threshold = float("-inf")
+    if TRUNCATED:
+        threshold = tl.load(threshold_ptr + row)
     active = tl.load(mask_ptr + row) != 0
     label = tl.load(labels_ptr + row).to(tl.int64)
     g = tl.load(grad_out_ptr).to(tl.float32)  # the upstream gradient of the scalar loss
@@ -154,7 +171,7 @@ def _ppo_loss_bwd_kernel(
                      grad_logits_ptr + outer * grad_stride_outer + inner * grad_stride_inner,
                      label, active, V, tl.load(stats + MAX * N), tl.load(stats + LOGSUM * N),
                      tl.load(stats + ENTROPY * N), g * tl.load(stats + DLP * N), g_h, temperature,
-                     HAS_ENTROPY, BLOCK_V)
+                     HAS_ENTROPY, BLOCK_V, threshold, TRUNCATED)
     if HAS_VALUES:
         dv = g * tl.load(stats + DV * N)
         tl.store(grad_values_ptr + row, dv.to(grad_values_ptr.dtype.element_ty))
@@ -177,6 +194,9 @@ class PPOLossOptions:
     reduction: str = "token-mean"
     inplace_backward: bool = False
     tis_cap: float | None = None
+    top_k: int = 0
+    top_p: float = 1.0
+    allow_outside_kept: bool = False
 
     def __post_init__(self):
         def put(name, value):
@@ -206,6 +226,17 @@ class PPOLossOptions:
         put("kl_coef", check_real("kl_coef", self.kl_coef, low=0.0))
         if self.tis_cap is not None:
             put("tis_cap", check_real("tis_cap", self.tis_cap, low=0.0, low_open=True))
+        trunc = check_truncation(self.top_k, self.top_p)
+        put("top_k", trunc.top_k)
+        put("top_p", trunc.top_p)
+        if not isinstance(self.allow_outside_kept, bool):
+            raise TypeError(f"allow_outside_kept must be a bool; got "
+                            f"{type(self.allow_outside_kept).__name__}")
+
+    @property
+    def trunc(self) -> Truncation | None:
+        """The top-k / top-p truncation, or None for the plain distribution."""
+        return Truncation(self.top_k, self.top_p) if self.top_k or self.top_p < 1.0 else None
 
     @property
     def clip_low(self) -> float:
@@ -232,9 +263,10 @@ class PPOLossOptions:
 
 
 def _forward(x3, labels, mask, weights, old_lp, adv, values, old_values, returns, ref_lp,
-             opts: PPOLossOptions) -> torch.Tensor:
+             opts: PPOLossOptions, tau=None) -> torch.Tensor:
     """The forward kernel over (outer, inner, V) logits and flat (N,) per-token inputs (mask as
-    uint8; optional ones None). Returns the (len(STATS), N) float32 per-token buffer."""
+    uint8; optional ones None; tau the rows' truncation thresholds or None). Returns the
+    (len(STATS), N) float32 per-token buffer."""
     n, V = labels.numel(), x3.shape[-1]
     stats = torch.empty((len(STATS), n), dtype=torch.float32, device=x3.device)  # all rows written
     if n:
@@ -243,19 +275,21 @@ def _forward(x3, labels, mask, weights, old_lp, adv, values, old_values, returns
         f = lambda t: dummy if t is None else t  # noqa: E731
         _ppo_loss_fwd_kernel[(n,)](
             x3, labels, mask, weights, old_lp, adv, f(values), f(old_values), f(returns), f(ref_lp),
-            stats,
+            stats, f(tau),
             x3.shape[1], V, n, x3.stride(0), x3.stride(1),
             opts.temperature, opts.clip_low, opts.clip_high, opts.dual_clip or 0.0,
             opts.value_clip or 0.0, opts.vf_coef, opts.entropy_coef, opts.kl_coef,
             HAS_CLIP=opts.clip_eps is not None, HAS_DUAL_CLIP=opts.dual_clip is not None,
             HAS_VALUES=values is not None,
             HAS_VALUE_CLIP=values is not None and opts.value_clip is not None,
-            KL_ESTIMATOR=opts.kl_estimator_id, BLOCK_V=block, num_warps=warps,
+            KL_ESTIMATOR=opts.kl_estimator_id, TRUNCATED=tau is not None, BLOCK_V=block,
+            num_warps=warps,
         )
     return stats
 
 
-def _backward(x3, labels, mask, weights, stats, grad_loss, g3, grad_values, opts: PPOLossOptions):
+def _backward(x3, labels, mask, weights, stats, grad_loss, g3, grad_values, opts: PPOLossOptions,
+              tau=None):
     """The backward kernel: writes the logits' gradient into g3 ((outer, inner, V), may be x3
     itself) and the values' into grad_values (flat, or None without values)."""
     n, V = labels.numel(), x3.shape[-1]
@@ -263,11 +297,11 @@ def _backward(x3, labels, mask, weights, stats, grad_loss, g3, grad_values, opts
         block, warps = launch_config(V)
         _ppo_loss_bwd_kernel[(n,)](
             x3, labels, mask, weights, stats, grad_loss, g3,
-            stats if grad_values is None else grad_values,
+            stats if grad_values is None else grad_values, stats if tau is None else tau,
             x3.shape[1], V, n, x3.stride(0), x3.stride(1), g3.stride(0), g3.stride(1),
             opts.temperature, opts.entropy_coef,
             HAS_ENTROPY=opts.entropy_coef != 0.0, HAS_VALUES=grad_values is not None,
-            BLOCK_V=block, num_warps=warps,
+            TRUNCATED=tau is not None, BLOCK_V=block, num_warps=warps,
         )
 
 
@@ -299,20 +333,21 @@ class PPOLossFunction(torch.autograd.Function):
                 opts):
         x3 = as_outer_inner(logits)  # a view, or one copy if the rows need 3+ strides
         labels, mask, weights = _flat(labels), _flat(mask).view(torch.uint8), _flat(weights)
+        tau = row_thresholds(x3, labels, -100, opts.temperature, opts.trunc, "triton")
         stats = _forward(x3, labels, mask, weights, _flat(old_lp), _flat(adv), _flat(values),
-                         _flat(old_values), _flat(returns), _flat(ref_lp), opts)
-        return _finish_forward(ctx, logits, values, weights, stats, opts, x3, labels, mask)
+                         _flat(old_values), _flat(returns), _flat(ref_lp), opts, tau)
+        return _finish_forward(ctx, logits, values, weights, stats, opts, x3, labels, mask, tau)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        x3, labels, mask, weights, stats = ctx.saved_tensors
+        x3, labels, mask, tau, weights, stats = ctx.saved_tensors
         opts = ctx.opts
         g3, grad = gradient_buffer(x3, ctx.logits, ctx.shape, opts.inplace_backward)
         grad_values = None
         if ctx.values_meta is not None:
             grad_values = torch.empty(ctx.values_meta[0], dtype=ctx.values_meta[1], device=x3.device)
         _backward(x3, labels, mask, weights, stats, grad_loss.reshape(1).float(), g3, grad_values,
-                  opts)
+                  opts, tau)
         return (grad, grad_values) + (None,) * 9
 
 
@@ -329,8 +364,9 @@ class NativePPOLossFunction(torch.autograd.Function):
         labels = _flat(labels, torch.long)
         f = lambda t: _flat(t, torch.float32)  # noqa: E731
         stats = torch.empty((len(STATS), labels.numel()), dtype=torch.float32)
+        tau = row_thresholds(x3, labels, -100, opts.temperature, opts.trunc, "native")
         stats[int(LP)], stats[int(ENTROPY)], stats[int(MAX)], stats[int(LOGSUM)] = (
-            module.token_logprobs_forward(x3, labels, opts.temperature, -100, True))
+            module.token_logprobs_forward(x3, labels, opts.temperature, -100, True, tau))
         mask, weights = _flat(mask, torch.uint8), f(weights)
         module.ppo_loss_terms(
             stats, mask, weights, f(old_lp), f(adv), f(values), f(old_values), f(returns), f(ref_lp),
@@ -338,11 +374,13 @@ class NativePPOLossFunction(torch.autograd.Function):
             opts.dual_clip is not None, opts.dual_clip or 0.0,
             values is not None and opts.value_clip is not None, opts.value_clip or 0.0,
             opts.vf_coef, opts.entropy_coef, opts.kl_coef, opts.kl_estimator_id)
-        return _finish_forward(ctx, logits, values, weights, stats, opts, x3, labels)
+        if tau is not None and opts.kl_coef:
+            _no_kl_outside_kept(stats, opts)
+        return _finish_forward(ctx, logits, values, weights, stats, opts, x3, labels, tau)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        x3, labels, weights, stats = ctx.saved_tensors
+        x3, labels, tau, weights, stats = ctx.saved_tensors
         opts = ctx.opts
         g = grad_loss.float()
         grad3, grad = gradient_buffer(x3, ctx.logits, ctx.shape, opts.inplace_backward)
@@ -351,12 +389,24 @@ class NativePPOLossFunction(torch.autograd.Function):
         _native.module().token_logprobs_backward(
             x3, labels, stats[int(MAX)], stats[int(LOGSUM)], stats[int(ENTROPY)],
             (g * stats[int(DLP)]).contiguous(), g_h.contiguous(), grad3, opts.temperature, -100,
-            has_entropy)
+            has_entropy, tau)
         grad_values = None
         if ctx.values_meta is not None:
             shape, dtype = ctx.values_meta
             grad_values = (g * stats[int(DV)]).to(dtype).view(shape)
         return (grad, grad_values) + (None,) * 9
+
+
+def _no_kl_outside_kept(stats, opts: PPOLossOptions) -> None:
+    """The native terms (csrc/ppo_loss.cpp) know nothing of truncation: where lp = -inf (the label
+    left the kept set) take the KL term out of the loss and d loss / d lp, as the Triton kernel and
+    the reference do (the policy term's gradient is already 0 there: the ratio is clamped)."""
+    outside = stats[int(LP)] == float("-inf")
+    if bool(outside.any()):
+        kept_terms = stats[int(PG)] - opts.entropy_coef * stats[int(ENTROPY)] + opts.vf_coef * stats[
+            int(VF)]
+        stats[int(LOSS)] = torch.where(outside, kept_terms, stats[int(LOSS)])
+        stats[int(DLP)] = torch.where(outside, 0.0, stats[int(DLP)])
 
 
 def _storage_owner(t: torch.Tensor) -> torch.Tensor:
@@ -388,6 +438,9 @@ def ppo_loss(
     sampler_logprobs: torch.Tensor | None = None,
     tis_cap: float | None = None,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    allow_outside_kept: bool = False,
     reduction: str = "token-mean",
     inplace_backward: bool = False,
     backend: str = "auto",
@@ -406,6 +459,12 @@ def ppo_loss(
              from the old policy's; w is a constant, no gradient flows through it)
     reduction: "token-mean" (over valid tokens), "seq-mean-token-mean" (mean over rows that have a
     valid token of each row's token mean) or "sum" (for callers normalising across micro-batches).
+    top_k, top_p: lp and H (and their gradients) under the sampler's truncated distribution, as in
+    `token_logprobs`. A valid token whose label lies outside the kept set has lp = -inf: refused
+    (ValueError naming the positions: at the sampler's parameters it cannot have been sampled),
+    unless allow_outside_kept=True, for later PPO steps where the policy has moved since sampling:
+    such a token then counts with ratio 0 (clamped: no policy gradient), no KL term and 0 in
+    approx_kl, and `outside_kept` reports their fraction.
 
     Args:
         logits: (..., V) float32/bfloat16/float16, strided like `token_logprobs` accepts.
@@ -434,7 +493,8 @@ def ppo_loss(
         temperature=temperature, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
         dual_clip=dual_clip, value_clip=value_clip, vf_coef=vf_coef, entropy_coef=entropy_coef,
         kl_coef=kl_coef, kl_estimator=kl_estimator, reduction=reduction,
-        inplace_backward=inplace_backward, tis_cap=tis_cap)
+        inplace_backward=inplace_backward, tis_cap=tis_cap, top_k=top_k, top_p=top_p,
+        allow_outside_kept=allow_outside_kept)
     tensors = dict(old_logprobs=old_logprobs, advantages=advantages, values=values,
                    old_values=old_values, returns=returns, ref_logprobs=ref_logprobs,
                    sampler_logprobs=sampler_logprobs)
@@ -449,15 +509,27 @@ def ppo_loss(
     if backend == "torch":
         # token_logprobs' chunked reference, then the reference's per-token terms.
         lp, entropy = token_logprobs(logits, labels, temperature=opts.temperature,
-                                     return_entropy=True, validate=False, backend="torch")
-        return reference.ppo_loss_from_logprobs(lp, entropy, mask=mask, **tensors,
-                                                **opts.reference_terms())
+                                     return_entropy=True, top_k=opts.top_k, top_p=opts.top_p,
+                                     validate=False, backend="torch")
+        return reference_with_truncation(lp, entropy, mask, opts, tensors)
 
     weights, advantages = fused_inputs(mask, opts, old_logprobs, advantages, sampler_logprobs)
     function = NativePPOLossFunction if backend == "native" else PPOLossFunction
     loss, stats = function.apply(logits, values, labels, mask, weights, old_logprobs, advantages,
                                  old_values, returns, ref_logprobs, opts)
-    return summary(loss, stats, mask, weights, old_logprobs, values)
+    return summary(loss, stats, mask, weights, old_logprobs, values, opts)
+
+
+def reference_with_truncation(lp, entropy, mask, opts: PPOLossOptions, tensors) -> PPOLossOutput:
+    """The reference's terms from (truncated) log-probs, with the kept-set check and outside_kept."""
+    if opts.trunc is not None and not opts.allow_outside_kept:
+        check_in_kept_set(lp, mask, "labels")
+    out = reference.ppo_loss_from_logprobs(lp, entropy, mask=mask, **tensors,
+                                           **opts.reference_terms())
+    if opts.trunc is None:
+        return out
+    outside = (mask & (lp == float("-inf"))).sum() / mask.sum().clamp(min=1)
+    return dataclasses.replace(out, outside_kept=outside.float())
 
 
 def check_ppo_inputs(logits, labels, mask, opts: PPOLossOptions, **tensors) -> torch.Tensor:
@@ -503,21 +575,32 @@ def fused_inputs(mask, opts: PPOLossOptions, old_logprobs, advantages, sampler_l
     return reduction_weights(mask, opts.reduction).float(), advantages
 
 
-def summary(loss, stats, mask, weights, old_logprobs, values) -> PPOLossOutput:
-    """PPOLossOutput from the fused kernels' loss and per-token buffer (len(STATS), N)."""
+def summary(loss, stats, mask, weights, old_logprobs, values, opts: PPOLossOptions) -> PPOLossOutput:
+    """PPOLossOutput from the fused kernels' loss and per-token buffer (len(STATS), N); with
+    truncation, refuses labels outside the kept set unless opts.allow_outside_kept."""
+    outside = None
+    if opts.trunc is not None:
+        lp = stats[int(LP)].view(mask.shape)
+        if not opts.allow_outside_kept:
+            check_in_kept_set(lp, mask, "labels")
+        outside = (mask & (lp == float("-inf"))).reshape(-1)
     maskf = mask.reshape(-1).float()
     count = maskf.sum().clamp(min=1)
     token_mean = lambda t: (t * maskf).sum() / count  # noqa: E731
     weighted = lambda t: (weights.reshape(-1) * t).sum()  # noqa: E731
     old = old_logprobs.reshape(-1).float()
+    log_ratio = torch.where(mask.reshape(-1), stats[int(LP)] - old, 0.0)
+    if outside is not None:
+        log_ratio = torch.where(outside, 0.0, log_ratio)  # 0 in approx_kl, as in the reference
     return PPOLossOutput(
         loss=loss,
         policy_loss=weighted(stats[int(PG)]),
         value_loss=None if values is None else weighted(stats[int(VF)]),
         entropy=token_mean(stats[int(ENTROPY)]),
-        approx_kl=token_mean(0.5 * torch.where(mask.reshape(-1), stats[int(LP)] - old, 0.0) ** 2),
+        approx_kl=token_mean(0.5 * log_ratio ** 2),
         clipfrac=token_mean(stats[int(CLIPPED)]),
         value_clipfrac=None if values is None else token_mean(stats[int(VCLIPPED)]),
+        outside_kept=None if outside is None else token_mean(outside.float()),
     )
 
 
@@ -531,9 +614,9 @@ def compile_variants():
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
               "fp64": torch.float64, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
 
-    def launch(dt, labels_dt, flags, kl, strides):
+    def launch(dt, labels_dt, flags, kl, strides, cut=(0, 1.0)):
         opts = PPOLossOptions(**(on if flags else off), kl_estimator=kl,
-                              inplace_backward=strides != "i32")
+                              inplace_backward=strides != "i32", top_k=cut[0], top_p=cut[1])
         V = 151936  # (2, 3, V) logits; i64: strides past 2**31 elements
         strides = {"i32": (3 * V, V, 1), "i64": (2**34, 2**32, 1), "i64-outer": (2**34, V, 1)}[strides]
         logits = torch.empty_strided((2, 3, V), strides, dtype=dtypes[dt], device="meta")
@@ -541,16 +624,18 @@ def compile_variants():
         tok = lambda dt="fp32": torch.empty(6, dtype=dtypes[dt], device="meta")  # noqa: E731
         labels, mask, weights = tok(labels_dt), tok("bool").view(torch.uint8), tok()
         values = tok("bf16") if flags else None
+        tau = row_thresholds(x3, labels, -100, opts.temperature, opts.trunc, "triton")
         stats = _forward(x3, labels, mask, weights, tok(), tok(), values, values, values,
-                         tok() if opts.kl_coef else None, opts)
+                         tok() if opts.kl_coef else None, opts, tau)
         g3, _ = gradient_buffer(x3, logits, logits.shape, opts.inplace_backward)
         _backward(x3, labels, mask, weights, stats, tok()[:1], g3,
-                  None if values is None else torch.empty_like(values), opts)
+                  None if values is None else torch.empty_like(values), opts, tau)
 
     for v in [("bf16", "i64", True, "k3", "i64"), ("bf16", "i64", False, "k3", "i64"),
               ("fp32", "i64", True, "k1", "i64"), ("fp16", "i32", True, "k2", "i64"),
               ("bf16", "i64", True, "k3", "i64-outer"), ("bf16", "i64", True, "k3", "i32"),
-              ("fp64", "i64", True, "k3", "i32")]:
-        dt, labels_dt, flags, kl, strides = v
-        yield (f"{dt}-labels={labels_dt}-flags={flags}-kl={kl if flags else 'off'}-strides={strides}",
-               lambda v=v: launch(*v))
+              ("fp64", "i64", True, "k3", "i32"), ("bf16", "i64", True, "k3", "i64", (50, 0.9))]:
+        dt, labels_dt, flags, kl, strides = v[:5]
+        cut = "" if len(v) < 6 else f"-top_k={v[5][0]}-top_p={v[5][1]}"
+        yield (f"{dt}-labels={labels_dt}-flags={flags}-kl={kl if flags else 'off'}-strides={strides}"
+               f"{cut}", lambda v=v: launch(*v))

@@ -17,6 +17,33 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def truncation_mask(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The tokens a top-k / top-p sampler may draw from scores z (..., V) (logits / temperature): the
+    one definition, shared by the sampler (fastppo.rollout.hf.filter_logits) and every kernel.
+
+    top-k (k > 0): keep every z >= the k-th largest z (ties at the k-th value are all kept).
+    top-p (p < 1): then drop a kept token when the mass of the kept tokens strictly more likely than
+    it, under softmax renormalised over the kept tokens, already reaches p. The most likely tokens
+    are always kept; tied tokens are kept or dropped together.
+    The kept set is always {z >= threshold} for one threshold per row (plus any NaN logit, which
+    the row's outputs then carry, as without truncation)."""
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if top_k and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        keep = z >= kth
+    if top_p < 1.0:
+        q = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
+        z_sorted, order = torch.sort(z.masked_fill(~keep, float("-inf")), dim=-1, descending=True)
+        q_sorted = q.gather(-1, order)
+        before = q_sorted.cumsum(-1) - q_sorted  # mass of the tokens sorted ahead of each
+        # a tied token's strictly-more-likely mass is the one before the first token of its tie group
+        first_of_ties = torch.searchsorted(-z_sorted, -z_sorted, right=False)
+        more_likely = before.gather(-1, first_of_ties.clamp(max=z.shape[-1] - 1))
+        drop_sorted = more_likely >= top_p
+        keep = keep & ~torch.zeros_like(keep).scatter(-1, order, drop_sorted)
+    return keep | torch.isnan(z)  # NaN in, NaN out: a NaN logit is never silently cut
+
+
 def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -24,12 +51,21 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """logprob_t = log softmax(logits_t / T)[label_t];  entropy_t = -sum_v p_tv log p_tv.
 
-    Positions whose label is `ignore_index` give 0 for both, with zero gradient.
+    With top_k / top_p, p_t is the truncated distribution the sampler draws from: softmax over the
+    kept tokens (`truncation_mask`), zero elsewhere. A label outside the kept set gets -inf; the
+    gradient treats the kept set as fixed (it is piecewise constant in the logits): zero on dropped
+    logits. Positions whose label is `ignore_index` give 0 for both, with zero gradient.
     """
     z = logits.to(compute_dtype(logits)) / temperature
+    if top_k or top_p < 1.0:
+        with torch.no_grad():
+            keep = truncation_mask(z, top_k, top_p)
+        z = z.masked_fill(~keep, float("-inf"))
     logp = torch.log_softmax(z, dim=-1)
     keep = labels != ignore_index
     index = torch.where(keep, labels, 0).long().unsqueeze(-1)
@@ -166,7 +202,8 @@ class PPOLossOutput:
     policy_loss and value_loss use the loss's reduction (so that loss = policy_loss
     + vf_coef * value_loss - entropy_coef * entropy term + kl_coef * KL term); entropy, approx_kl,
     clipfrac and value_clipfrac are token-means over the valid tokens. value_loss and value_clipfrac
-    are None when no values were given.
+    are None when no values were given. outside_kept (top_k / top_p only, else None): the fraction of
+    valid tokens whose label lies outside the current truncated kept set (see ppo_loss).
     """
 
     loss: torch.Tensor
@@ -176,6 +213,7 @@ class PPOLossOutput:
     approx_kl: torch.Tensor
     clipfrac: torch.Tensor
     value_clipfrac: torch.Tensor | None
+    outside_kept: torch.Tensor | None = None
 
 
 def reduction_weights(mask: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -241,8 +279,12 @@ def ppo_loss_from_logprobs(
             vf = torch.maximum(vf, vf_clip)
         vf = 0.5 * vf
         per_token = per_token + vf_coef * vf
+    # lp = -inf: the label left the top-k/top-p kept set (a truncated policy gives it probability 0):
+    # ratio 0 above, no KL term and 0 in approx_kl (as a sample of this policy its weight is 0)
+    outside = lp == float("-inf")
     if kl_coef:
-        per_token = per_token + kl_coef * kl_penalty(lp, f(ref_logprobs), estimator=kl_estimator)
+        lp_kl = torch.where(outside, f(ref_logprobs), lp)  # no NaN gradient through the -inf
+        per_token = per_token + kl_coef * kl_penalty(lp_kl, f(ref_logprobs), estimator=kl_estimator)
 
     stat = lambda t: t.detach().float()  # noqa: E731
     return PPOLossOutput(
@@ -250,21 +292,24 @@ def ppo_loss_from_logprobs(
         policy_loss=stat(reduce(pg)),
         value_loss=None if vf is None else stat(reduce(vf)),
         entropy=stat(token_mean(f(entropy))),
-        approx_kl=stat(token_mean(0.5 * (lp - old_lp) ** 2)),
+        approx_kl=stat(token_mean(torch.where(outside, 0.0, 0.5 * (lp - old_lp) ** 2))),
         clipfrac=stat(token_mean(clipped.to(dtype))),
         value_clipfrac=None if value_clipped is None else stat(token_mean(value_clipped.to(dtype))),
     )
 
 
-def ppo_loss(logits, labels, old_logprobs, advantages, mask, *, temperature=1.0, **options):
-    """Per valid token, with lp = log softmax(logits / T)[label] and ratio = exp(clamp(lp - old_lp, ±20)):
+def ppo_loss(logits, labels, old_logprobs, advantages, mask, *, temperature=1.0, top_k=0, top_p=1.0,
+             **options):
+    """Per valid token, with lp = log softmax(logits / T)[label] (with top_k / top_p: of the truncated
+    distribution, `token_logprobs`) and ratio = exp(clamp(lp - old_lp, ±20)):
         pg = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))   [capped at -A * c where A < 0]
              [times min(exp(old_lp - sampler_lp), tis_cap) with tis_cap]
         vf = 0.5 * max((V - R)^2, (old_V + clip(V - old_V, ±v) - R)^2)
         loss_t = pg + vf_coef * vf - entropy_coef * H + kl_coef * KL(lp, ref_lp)
     reduced over valid tokens by `reduction`."""
     labels = torch.where(mask, labels, -100)
-    lp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+    lp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True,
+                                 top_k=top_k, top_p=top_p)
     return ppo_loss_from_logprobs(lp, entropy, old_logprobs, advantages, mask, **options)
 
 

@@ -20,8 +20,8 @@ from fastppo.data import Batch
 
 @dataclass(frozen=True)
 class Sampling:
-    """How responses are drawn. The trainer scores them at this same `temperature`; top-k and top-p
-    filtering are the sampler's alone (the trained distribution is the unfiltered one)."""
+    """How responses are drawn. The trainer scores them under this same distribution: `temperature`,
+    then top-k and top-p (fastppo.kernels.reference.truncation_mask), renormalised."""
 
     max_new_tokens: int
     temperature: float = 1.0

@@ -15,22 +15,19 @@ from typing import Callable
 import torch
 
 from fastppo.data import Batch, pack_prompts
+from fastppo.kernels.reference import truncation_mask
 from fastppo.models import backbone, without_checkpointing
 from fastppo.rollout import Sampling
 from fastppo.rollout.uniforms import keyed_uniforms
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Keep the top_k most likely tokens (0: all) and the smallest set with mass >= top_p (1: all)."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        mass_before = torch.softmax(sorted_logits, -1).cumsum(-1) - torch.softmax(sorted_logits, -1)
-        drop = mass_before >= top_p  # the most likely token is always kept
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+    """The logits with every token the sampler may not draw set to -inf: top-k (0: all) then top-p
+    (1: all), as `fastppo.kernels.reference.truncation_mask` defines them. The trainer's kernels
+    (token_logprobs / ppo_loss with top_k, top_p) score the same truncated distribution."""
+    if not top_k and top_p >= 1.0:
+        return logits
+    return logits.masked_fill(~truncation_mask(logits, top_k, top_p), float("-inf"))
 
 
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

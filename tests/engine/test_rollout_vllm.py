@@ -192,13 +192,18 @@ def test_ppo_with_vllm_rollouts_through_the_cli(tmp_path):
     out = tmp_path / "ppo"
     run = cli("ppo", "--prompts", prompts, "--policy", policy, "--reward_model", rm, "--out", out,
               "--rollout_engine", "vllm", "--tis_cap", "2.0", "--iterations", 3, "--batch_size", 8,
-              "--mini_batch_size", 4, "--max_new_tokens", 6, "--lr", 3e-3, "--save_every", 3)
+              "--mini_batch_size", 4, "--max_new_tokens", 6, "--lr", 3e-3, "--save_every", 3,
+              "--top_k", 20, "--top_p", 0.9)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     for row in rows:  # the weights were synced: vLLM samples what the trainer scores
         assert row["first_ratio_max_error"] <= 1e-5
+        # vLLM's processed log-probs (after top-k/top-p) are the trainer's truncated ones; scored
+        # under the full softmax instead they would be off by the log of the kept mass
         assert row["sampler_gap_max"] < 1e-4 and abs(row["sampler_kl"]) < 1e-6, row
+        assert row["kept_mass"] < 0.99 and row["sampler_gap_mean_untruncated"] > 1e-3, row
+        assert row["outside_kept_rollout"] == 0
     # the policy moved, and vLLM kept up with it (a stale vLLM would show a gap above)
     assert rows[-1]["approx_kl"] > 0
     # the checkpoint is what vLLM serves as it is, and serves the trained weights

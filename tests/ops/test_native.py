@@ -118,7 +118,7 @@ def test_module_exposes_exactly_the_documented_functions():
     module = native.module()
     names = {name for name in dir(module) if not name.startswith("_")}
     assert names == {"token_logprobs_forward", "token_logprobs_backward", "ppo_loss_terms",
-                     "gae_forward", "gae_backward"}
+                     "gae_forward", "gae_backward", "truncation_thresholds"}
     for name in names:  # pybind11's __doc__: the signature, then the docstring from bindings.cpp
         doc = getattr(module, name).__doc__
         assert doc.startswith(f"{name}(") and "(CPU)" in doc, doc

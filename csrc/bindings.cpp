@@ -1,6 +1,7 @@
 // The Python module of the native CPU kernels: the one PYBIND11_MODULE, binding the ops defined one
-// per source (token_logprobs.cpp, truncation.cpp, ppo_loss.cpp, gae.cpp). kernels/_native.py compiles every csrc/*.cpp
-// into it on first use; kernels/token_logprobs.py, ppo_loss.py and gae.py call it by these names.
+// per source (token_logprobs.cpp, truncation.cpp, ppo_loss.cpp, gae.cpp). kernels/_native.py compiles
+// every csrc/*.cpp into it on first use; kernels/token_logprobs.py, _truncation.py, ppo_loss.py and
+// gae.py call it by these names.
 // Only this file includes <torch/extension.h> (pybind11): the op files include the lighter ATen
 // headers, so that the build's parallel compiles stay short. A new op: its own .cpp, its declaration
 // and m.def here.

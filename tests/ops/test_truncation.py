@@ -127,6 +127,23 @@ def test_thresholds_select_the_reference_kept_set(backend, dtype, V):
                 assert torch.equal(tau, want), (ties, T, k, p, tau, want)
 
 
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_tokens_at_the_top_p_boundary(backend):
+    # p a hair (1e-4) above and below the mass before the (j + 1)-th most likely token: it is kept,
+    # then dropped, on every backend as in the reference (float32 rounding is ~1e-7 of that mass)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 200, generator=g) * 2
+    q = torch.softmax(x.double() / 0.8, -1).sort(-1, descending=True).values.cumsum(-1)
+    labels = torch.zeros(4, dtype=torch.long)
+    for j in (1, 5, 30):
+        for side, kept in ((1e-4, j + 1), (-1e-4, j)):
+            for r in range(4):
+                p = float(q[r, j - 1]) + side
+                x3 = as_outer_inner(x[r:r + 1].to(DEVICE))
+                tau = thresholds(x3, labels[:1].to(DEVICE), -100, 0.8, Truncation(0, p), backend)
+                assert int((x[r] >= tau.cpu()).sum()) == kept, (j, side, r)
+
+
 # ---------------------------------------------------------------------------- token_logprobs
 
 

@@ -322,11 +322,13 @@ def train_ppo(cfg: PPOConfig) -> Path:
          timings) = rollout_forward(model, reference, score, batch, epoch_orders[0], cfg, sampling,
                                     heads, critic)
         # A sampled token outside the trainer's kept set (probability 0 to it: the sampler's logits
-        # and the trainer's differ by rounding at the boundary) has no finite ratio: out of the loss.
+        # and the trainer's differ by rounding at the boundary, or vLLM broke a tie otherwise) has no
+        # finite ratio: out of the loss (loss_mask). It stays in the response (rewards, advantages,
+        # the score's place) with no KL penalty: its old log-prob is set to the reference's.
         outside = mask & (old_logprobs == float("-inf"))
-        mask = mask & ~outside
-        batch = dataclasses.replace(batch, response_mask=mask)
-        old_logprobs.masked_fill_(outside, 0.0)
+        old_logprobs = torch.where(outside, ref_logprobs, old_logprobs)
+        loss_mask = mask & ~outside
+        train_batch = dataclasses.replace(batch, response_mask=loss_mask)
 
         # 3. Rewards (the KL penalty in them, or in the loss: kl_in_loss) and advantages.
         token_rewards = kl_rewards(old_logprobs, ref_logprobs, scores, mask,
@@ -341,10 +343,10 @@ def train_ppo(cfg: PPOConfig) -> Path:
         by_tokens = cfg.loss_reduction == "token-mean"
         for order in epoch_orders:
             for i in range(0, cfg.batch_size, cfg.mini_batch_size):
-                tokens = mask[order[i:i + cfg.mini_batch_size]].sum().clamp(min=1)
-                responses = mask[order[i:i + cfg.mini_batch_size]].any(-1).sum().clamp(min=1)
+                tokens = loss_mask[order[i:i + cfg.mini_batch_size]].sum().clamp(min=1)
+                responses = loss_mask[order[i:i + cfg.mini_batch_size]].any(-1).sum().clamp(min=1)
                 idx = distributed.my_rows(order[i:i + cfg.mini_batch_size])
-                mb = batch.select(idx)
+                mb = train_batch.select(idx)
                 # the loss is a sum over my tokens (token-mean), or a mean over my responses
                 mine_of_total = (1.0, tokens) if by_tokens else (
                     mb.response_mask.any(-1).sum(), responses)
@@ -416,7 +418,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
             "step": iteration, "score_mean": scores.mean().item(), "score_std": scores.std().item(),
             "reward": (token_rewards * mask).sum(-1).mean().item(), "kl": kl, "kl_coef": kl_coef,
             "entropy": mean["entropy"], "policy_loss": mean["policy_loss"],
-            "logprob_mean": old_logprobs[mask].mean().item() if mask.any() else 0.0,
+            "logprob_mean": old_logprobs[loss_mask].mean().item() if loss_mask.any() else 0.0,
             "value_loss": mean["value_loss"], "clipfrac": mean["clipfrac"],
             "approx_kl": mean["approx_kl"], "first_ratio_max_error": first_ratio_error,
             "explained_variance": (explained_variance(old_values, returns, mask) if critic
@@ -433,8 +435,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
             "iteration_memory_mib": distributed.max_over_ranks(
                 peak_memory_mib(cfg.device) - memory_at_start, cfg.device),
             "world_size": distributed.world(),
-            **sampler_gap(old_logprobs, batch.sampler_logprobs, mask),
-            **truncation_metrics(old_logprobs, plain_logprobs, batch.sampler_logprobs, mask,
+            **sampler_gap(old_logprobs, batch.sampler_logprobs, loss_mask),
+            **truncation_metrics(old_logprobs, plain_logprobs, batch.sampler_logprobs, loss_mask,
                                  outside),
             "outside_kept_train": mean.get("outside_kept_train", 0.0),
         }

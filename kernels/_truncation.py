@@ -9,6 +9,11 @@ the logits below tau read as -inf: forward over the kept logits only, backward w
 fixed (it is piecewise constant in the logits). tau is one of the row's own values (as float32, in
 logit units, before the temperature), or -inf where nothing is cut.
 
+The kernels order the raw logits x, the sampler (and the reference) z = x / T in float32. Dividing
+can round two adjacent x to one z: the sampler then keeps both as a tie where a cut between them keeps
+only the larger here. Rare (T != 1, a cut falling exactly there); the engine counts such a sample as
+outside the kept set (fastppo.ppo, `outside_kept_rollout`).
+
 Private to fastppo.kernels.
 """
 from __future__ import annotations

@@ -98,10 +98,13 @@ def _ppo_loss_fwd_kernel(
     dlp = dpg
     if KL_ESTIMATOR > 0:
         x = lp - tl.load(ref_lp_ptr + row).to(tl.float32)
-        if TRUNCATED:  # lp = -inf (label outside the kept set): no KL term (reference.py)
-            x = tl.where(lp == float("-inf"), 0.0, x)
-        loss += kl_coef * kl_term(x, KL_ESTIMATOR)
-        dlp += kl_coef * kl_term_grad(x, KL_ESTIMATOR)
+        kl = kl_term(x, KL_ESTIMATOR)
+        dkl = kl_term_grad(x, KL_ESTIMATOR)
+        if TRUNCATED:  # lp = -inf (label outside the kept set): no KL term, no gradient (reference.py)
+            kl = tl.where(lp == float("-inf"), 0.0, kl)
+            dkl = tl.where(lp == float("-inf"), 0.0, dkl)
+        loss += kl_coef * kl
+        dlp += kl_coef * dkl
 
     # Value term, in the same program.
     vf = 0.0
@@ -525,7 +528,7 @@ def reference_with_truncation(lp, entropy, mask, opts: PPOLossOptions, tensors) 
     if opts.trunc is not None and not opts.allow_outside_kept:
         check_in_kept_set(lp, mask, "labels")
     out = reference.ppo_loss_from_logprobs(lp, entropy, mask=mask, **tensors,
-                                           **opts.reference_terms())
+                                           **opts.reference_terms(), truncated=opts.trunc is not None)
     if opts.trunc is None:
         return out
     outside = (mask & (lp == float("-inf"))).sum() / mask.sum().clamp(min=1)

@@ -237,9 +237,11 @@ def ppo_loss_from_logprobs(
     logprobs, entropy, old_logprobs, advantages, mask, *, values=None, old_values=None, returns=None,
     clip_eps=0.2, clip_eps_high=None, dual_clip=None, value_clip=0.2, vf_coef=0.1, entropy_coef=0.0,
     ref_logprobs=None, kl_coef=0.0, kl_estimator="k3", reduction="token-mean",
-    sampler_logprobs=None, tis_cap=None,
+    sampler_logprobs=None, tis_cap=None, truncated=False,
 ) -> PPOLossOutput:
-    """The PPO actor + critic loss from per-token log-probs and entropies (see `ppo_loss`)."""
+    """The PPO actor + critic loss from per-token log-probs and entropies (see `ppo_loss`).
+    truncated: the log-probs are a top-k/top-p distribution's, where lp = -inf marks a label outside
+    the kept set: no KL term there and 0 in approx_kl (without it, the plain semantics)."""
     dtype = compute_dtype(logprobs)
     # Padding may hold anything (NaN old log-probs, inf returns): zero it before the math so that
     # neither the loss nor any gradient sees it.
@@ -281,7 +283,7 @@ def ppo_loss_from_logprobs(
         per_token = per_token + vf_coef * vf
     # lp = -inf: the label left the top-k/top-p kept set (a truncated policy gives it probability 0):
     # ratio 0 above, no KL term and 0 in approx_kl (as a sample of this policy its weight is 0)
-    outside = lp == float("-inf")
+    outside = (lp == float("-inf")) if truncated else torch.zeros_like(mask)
     if kl_coef:
         lp_kl = torch.where(outside, f(ref_logprobs), lp)  # no NaN gradient through the -inf
         per_token = per_token + kl_coef * kl_penalty(lp_kl, f(ref_logprobs), estimator=kl_estimator)
@@ -310,7 +312,8 @@ def ppo_loss(logits, labels, old_logprobs, advantages, mask, *, temperature=1.0,
     labels = torch.where(mask, labels, -100)
     lp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True,
                                  top_k=top_k, top_p=top_p)
-    return ppo_loss_from_logprobs(lp, entropy, old_logprobs, advantages, mask, **options)
+    return ppo_loss_from_logprobs(lp, entropy, old_logprobs, advantages, mask,
+                                  truncated=bool(top_k) or top_p < 1.0, **options)
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, **options):

@@ -4,9 +4,9 @@ The loop asks a rollout object for a batch, `rollout.generate(prompts, ...) -> B
 sampler itself. Two engines, one file each: the Hugging Face sampler with a KV cache over the live
 policy (`hf.py`, the default and the reference) and vLLM in the same process, its weights loaded
 from the policy before each rollout (`vllm.py`). An engine picks tokens and reports the log-prob it
-drew each with; the trainer recomputes every log-prob with its own forward at the same temperature
-(fastppo.ppo), which is what makes the first PPO mini-batch see ratio = 1 whatever the engine's
-numerics, and compares the two (the sampler/trainer gap).
+drew each with; the trainer recomputes every log-prob with its own forward under the same
+distribution (temperature, top-k, top-p; fastppo.ppo), which is what makes the first PPO mini-batch
+see ratio = 1 whatever the engine's numerics, and compares the two (the sampler/trainer gap).
 """
 from __future__ import annotations
 

@@ -2,10 +2,11 @@
 top-p, EOS).
 
 The sampler picks tokens and reports the log-prob it drew each with. The rollout's log-probs are not
-taken from it: they are recomputed by the training forward on the generated tokens with the same
-temperature (fastppo.ppo), so the first PPO step sees ratio = 1 whatever the sampler's filtering; the
-sampler's own log-probs measure the sampler/trainer gap (and feed truncated importance sampling). It samples from the policy's own weights, so
-there is nothing to synchronise between iterations.
+taken from it: they are recomputed by the training forward on the generated tokens under the same
+distribution (temperature, then top-k/top-p through the kernels' top_k/top_p: fastppo.ppo), so the
+first PPO step sees ratio = 1; the sampler's own log-probs measure the sampler/trainer gap (and feed
+truncated importance sampling). It samples from the policy's own weights, so there is nothing to
+synchronise between iterations.
 """
 from __future__ import annotations
 

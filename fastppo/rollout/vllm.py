@@ -12,8 +12,12 @@ its own forward (ratio = 1 on the first mini-batch). vLLM's kernels differ from 
 its sampling distribution differs slightly from the trained one; fastppo.ppo logs that gap and can
 correct for it (truncated importance sampling, `tis_cap`).
 
-Where vLLM's top-k/top-p differ from fastppo.rollout.hf.filter_logits at the edges (ties at the k-th
-logit, the token at the top-p boundary), this engine follows vLLM's.
+vLLM's top-k/top-p agree with fastppo's definition (fastppo.kernels.reference.truncation_mask, which
+the trainer scores under) except at the top-p boundary: vLLM cuts at a position of its sorted row, so
+of tied tokens there it may keep some and drop others (fastppo keeps or drops a tie group together),
+and its float32 cumulative sum runs from the least likely end. The trainer does not copy that
+tie-breaking (an artefact of a sort's order): a vLLM sample outside fastppo's kept set is taken out of
+the loss and counted (fastppo.ppo, `outside_kept_rollout`).
 """
 from __future__ import annotations
 

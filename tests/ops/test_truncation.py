@@ -283,12 +283,13 @@ def test_ppo_loss_against_reference(backend, top_k, top_p):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ppo_loss_refuses_or_zeroes_tokens_outside_the_kept_set(backend):
+@pytest.mark.parametrize("kl_estimator", ["k1", "k3"])  # k1's gradient at 0 is 1, not 0
+def test_ppo_loss_refuses_or_zeroes_tokens_outside_the_kept_set(backend, kl_estimator):
     logits, labels, mask, tensors = ppo_inputs((2, 6), 80, 4, 1.0, 1.0, seed=1)
     labels[0, :3] = logits[0, :3].argmin(-1)  # outside the top 4
     mask[0, :3] = True
     values = torch.randn(2, 6)
-    options = dict(top_k=4, entropy_coef=0.01, kl_coef=0.2)
+    options = dict(top_k=4, entropy_coef=0.01, kl_coef=0.2, kl_estimator=kl_estimator)
     with pytest.raises(ValueError, match=r"labels at positions \[\(0, 0\), \(0, 1\), \(0, 2\)\] "
                                          r"\(3 in all\) lie outside the top_k/top_p kept set"):
         run_ppo(logits, labels, mask, tensors, backend, values, **options)

@@ -79,7 +79,8 @@ def test_ops_finds_each_op_benchmark_by_its_file_and_keeps_the_columns(tmp_path)
     modules = ops.discover()
     assert {op: m.__name__ for op, m in modules.items()} == {
         "gae": "op_gae", "linear_token_logprobs": "op_linear", "ppo_loss": "op_ppo_loss",
-        "token_logprobs": "op_token_logprobs", "token_logprobs+entropy": "op_token_logprobs"}
+        "token_logprobs": "op_token_logprobs", "token_logprobs+entropy": "op_token_logprobs",
+        "token_logprobs+truncation": "op_truncation"}
     for module in modules.values():
         assert callable(module.cases) and callable(module.providers) and callable(module.objective)
     out = tmp_path / "ops.csv"

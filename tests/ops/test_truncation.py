@@ -119,7 +119,7 @@ def test_thresholds_select_the_reference_kept_set(backend, dtype, V):
         x[0, 1, : V // 3] = -INF
         labels = torch.zeros(6, dtype=torch.long)
         labels[4] = -100
-        for T in (0.5, 1.0, 2.0):
+        for T in (0.5, 1.0, 2.0) if backend == "native" else (2.0,):  # the interpreter: ~5 s a T
             for k, p in CUTS + [(V - 1, 1.0), (0, 0.999)]:
                 x3 = as_outer_inner(x.to(DEVICE))
                 tau = thresholds(x3, labels.to(DEVICE), -100, T, Truncation(k, p), backend).cpu()
@@ -152,8 +152,10 @@ def test_tokens_at_the_top_p_boundary(backend):
 @pytest.mark.parametrize("lead,V", [((3, 5), 7), ((2, 9), 1000), ((3,), 32003)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_grid(backend, dtype, lead, V, temperature):
-    if backend == "triton" and V > 1000 and (temperature, dtype) != (0.7, torch.bfloat16):
-        pytest.skip("the interpreter takes ~20 s a case: one large-vocabulary case")
+    if backend == "triton" and (V > 1000 or temperature == 1.0):
+        # the interpreter: ~20 s a case at V = 32003 (test_vocabulary_of_151936 runs one), ~6 s
+        # below; T != 1 is the path with more to get wrong
+        pytest.skip("Triton's interpreter: the T = 0.7, V <= 1000 cases only")
     g = torch.Generator().manual_seed(V)
     logits = (torch.randn(*lead, V, generator=g) * 3).to(dtype)
     logits[..., 1] = -INF  # a banned token

@@ -2,13 +2,17 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
+# The newest versions pyproject.toml allows (no constraints file: today transformers 5.25 with the
+# `kernels` distribution it imports at start-up), for the suite's smoke tests of that end of the range
+# (tests/test_newest.py). The development pins above are the other end.
+NEWEST := .venv-newest
 
 .PHONY: demo test install clean
 
 demo: $(VENV)/.installed
 	$(BIN)/fastppo demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(NEWEST)/.installed
 	$(BIN)/pytest
 
 install: $(VENV)/.installed
@@ -29,5 +33,10 @@ $(VENV)/.installed: pyproject.toml constraints-dev.txt
 	$(BIN)/pip install --quiet -c constraints-dev.txt tensordict omegaconf codetiming ray pylatexenc
 	touch $@
 
+$(NEWEST)/.installed: pyproject.toml
+	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/pip install --quiet --upgrade torch==2.13.0 -e '.[trl]'
+	touch $@
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(NEWEST) build *.egg-info

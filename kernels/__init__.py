@@ -9,18 +9,43 @@ Self-contained: nothing here imports the engine (fastppo's trainers, transformer
 One file per public op; what the ops stand on is in the private `_*.py` modules beside them.
 """
 if __name__ != "fastppo.kernels":
-    # This directory is installed as fastppo.kernels (setuptools package-dir). Reached as a bare
-    # `kernels` (from the repository root) it shadows the PyPI package of that name. Every use then
-    # fails loudly; the import itself does not, because transformers probes for a `kernels` package
-    # by importing it, and must find no package here (no __file__, no __version__) rather than crash.
-    _MESSAGE = (f"this package must be imported as `fastppo.kernels`, not `{__name__}`: install "
-                "fastppo (`pip install -e .`) and `from fastppo.kernels import token_logprobs`")
-    del globals()["__file__"]
+    # This directory is installed as fastppo.kernels (setuptools package-dir). A Python process
+    # started in the repository root (`python -m fastppo`, `torchrun -m fastppo`, a notebook) has
+    # the root first on sys.path, so a bare `import kernels` lands here instead of on the PyPI
+    # distribution of that name (Hugging Face's kernel hub), which recent transformers import at
+    # start-up. Hand the import over to that distribution when it is installed; otherwise stay an
+    # empty package that fails loudly on use (transformers probes for one by importing it, and must
+    # then find no package here: no __file__, no __version__).
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-    def __getattr__(name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise ImportError(_MESSAGE)
+    def _installed_elsewhere():
+        """The spec of a `kernels` package on sys.path outside this repository's root, or None."""
+        root = _os.path.realpath(_os.path.dirname(_os.path.dirname(__file__)))
+        path = [p for p in _sys.path if _os.path.realpath(p or _os.getcwd()) != root]
+        return _machinery.PathFinder.find_spec(__name__, path)
+
+    _spec = _installed_elsewhere() if __name__ == "kernels" else None
+    if _spec is not None:
+        # The import system returns sys.modules[__name__] once this file has run: the real package.
+        _real = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _real
+        try:
+            _spec.loader.exec_module(_real)
+        except BaseException:
+            del _sys.modules[__name__]
+            raise
+    else:
+        _MESSAGE = (f"this package must be imported as `fastppo.kernels`, not `{__name__}`: install "
+                    "fastppo (`pip install -e .`) and `from fastppo.kernels import token_logprobs`")
+        del globals()["__file__"]
+
+        def __getattr__(name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            raise ImportError(_MESSAGE)
 else:
     from fastppo.kernels.gae import gae, reward_to_go
     from fastppo.kernels.group_advantages import group_advantages

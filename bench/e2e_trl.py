@@ -10,8 +10,9 @@ init; policy, reference, reward and value models), 16 prompts of 16 tokens, 32-t
 as fastppo's (response tokens x (1 + epochs) / update time), of the per-update peak RSS and of that
 peak minus the RSS at the update's start, appends a row to
 bench/results/e2e.csv, and prints the ratio to the newest fastppo row of the same device.
-The worker keeps its own timer and peak-RSS reading (the same definitions as bench/common.py's): it
-runs in TRL's virtual environment, which has no fastppo to import them from.
+The worker runs in TRL's virtual environment, which has no fastppo but has torch: it reads the RSS
+with bench/common.py (stdlib and torch only), found from the path it is given, as the other bench
+scripts do; its timer is the trainer's per-update callback.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(__file__).with_name(".venv-trl")
 
 WORKER = textwrap.dedent('''
-    import json, resource, statistics, sys, tempfile, time
+    import json, statistics, sys, tempfile, time
+    from pathlib import Path
     import torch
     from datasets import Dataset
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig,
@@ -37,7 +39,9 @@ WORKER = textwrap.dedent('''
     from tokenizers import Tokenizer, models, pre_tokenizers
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    iterations, seed = int(sys.argv[1]), int(sys.argv[2])
+    iterations, seed, bench = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    sys.path.insert(0, bench)  # bench/common.py, as for the scripts run from bench/
+    from common import _rss_kib
     VOCAB, PROMPT, RESPONSE, PROMPTS = 32000, 16, 32, 16
     words = ["<pad>", "<unk>", "<bos>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 4)]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -57,21 +61,16 @@ WORKER = textwrap.dedent('''
     prompts = [[2] + torch.randint(4, VOCAB, (PROMPT - 1,), generator=g).tolist() for _ in range(PROMPTS)]
     data = Dataset.from_dict({"input_ids": prompts})
 
-    def status_mib(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-
     class Clock(TrainerCallback):  # per-update time and peak RSS (the window is reset each update)
         stamps, peaks, added, rss_at_reset = [], [], [], 0.0
-        def reset(self):
-            open("/proc/self/clear_refs", "w").write("5")
-            Clock.rss_at_reset = status_mib("VmRSS:")
+        def reset(self):  # as common.peak_mib: the peak (VmHWM) restarts at the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+            Clock.rss_at_reset = _rss_kib("VmRSS") / 1024
         def on_train_begin(self, args, state, control, **kw):
             self.reset()
         def on_step_end(self, args, state, control, **kw):
             self.stamps.append(time.perf_counter())
-            self.peaks.append(status_mib("VmHWM:"))
+            self.peaks.append(_rss_kib("VmHWM") / 1024)
             self.added.append(self.peaks[-1] - Clock.rss_at_reset)
             self.reset()
 
@@ -115,8 +114,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     python = ensure_venv()
-    proc = subprocess.run([str(python), "-c", WORKER, str(args.iterations), str(args.seed)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([str(python), "-c", WORKER, str(args.iterations), str(args.seed),
+                           str(Path(__file__).resolve().parent)], capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"TRL worker failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -8,7 +8,7 @@ its m.def of each op. The build goes to the cache directory
     $FASTPPO_CACHE/native, or ~/.cache/fastppo/native   (XDG_CACHE_HOME is honoured)
 one build per CPU capability (AVX512, AVX2, DEFAULT), reused by later runs and rebuilt by
 cpp_extension when the sources or flags change (ninja's depfiles catch an edit of a header). The rows
-of ppo_loss's per-token buffer come from kernels/ppo_loss.py's STATS, passed as -DPPO_STAT_<NAME>=<row>.
+of ppo_loss's per-token buffer come from kernels/_ppo.py's STATS, passed as -DPPO_STAT_<NAME>=<row>.
 Where the build fails (no compiler, no ninja), the "auto" backend warns once and uses the PyTorch
 reference; backend="native" raises with the reason.
 """
@@ -20,6 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from fastppo.kernels._ppo import STATS
 
 SOURCES = "*.cpp"  # every C++ source in csrc/, sorted: one per op, plus bindings.cpp
 
@@ -54,8 +56,6 @@ def _flags() -> list[str]:
 
 def _stat_defines() -> list[str]:
     """-DPPO_STAT_<NAME>=<row> for each row of ppo_loss's per-token buffer, and -DPPO_STAT_COUNT."""
-    from fastppo.kernels.ppo_loss import STATS  # here, not at import: ppo_loss imports this module
-
     return [f"-DPPO_STAT_{name}={row}" for row, name in enumerate(STATS)] + [
         f"-DPPO_STAT_COUNT={len(STATS)}"]
 

@@ -1,5 +1,6 @@
 """Top-k / top-p truncation for the vocabulary-reading ops (token_logprobs, ppo_loss and their linear
-forms): the per-row threshold that turns the sampler's kept set into one comparison.
+forms): the per-row threshold that turns the sampler's kept set into one comparison, and the check
+that the counted labels lie in that set (`check_in_kept_set`).
 
 The kept set (`reference.truncation_mask`, the one definition, shared with the sampler) is always
 {v : x_v >= tau} for one value tau per row: top-k keeps x >= the k-th largest; top-p keeps the tokens
@@ -81,6 +82,27 @@ def thresholds(x3: torch.Tensor, labels: torch.Tensor, ignore_index: int, temper
         return _native.module().truncation_thresholds(x3, labels.long(), ignore_index, temperature,
                                                       trunc.top_k, trunc.top_p)
     return triton_thresholds(x3, labels, ignore_index, temperature, trunc.top_k, trunc.top_p)
+
+
+def row_thresholds(x3, labels, ignore_index, temperature, trunc: Truncation | None, backend):
+    """The rows' truncation thresholds (N,), or None for the plain distribution (trunc None, or
+    nothing it could cut from rows of this length)."""
+    if trunc is None or not trunc.cuts(x3.shape[-1]):
+        return None
+    return thresholds(x3, labels, ignore_index, temperature, trunc, backend)
+
+
+def check_in_kept_set(logprobs: torch.Tensor, counted: torch.Tensor, name: str) -> None:
+    """Refuse counted positions whose truncated log-prob is -inf (one device sync): the label has
+    probability zero under the top-k / top-p distribution, so it cannot have been sampled from it."""
+    outside = counted & (logprobs == float("-inf"))
+    if bool(outside.any()):
+        where = [tuple(p) if len(p) > 1 else p[0] for p in outside.nonzero()[:5].tolist()]
+        raise ValueError(
+            f"{name} at positions {where}{' ...' if int(outside.sum()) > 5 else ''} "
+            f"({int(outside.sum())} in all) lie outside the top_k/top_p kept set: probability 0 "
+            "under the truncated distribution, so they cannot have been sampled with these settings "
+            "(check that top_k, top_p and temperature are the sampler's)")
 
 
 # ------------------------------------------------------------------------------ Triton threshold search

@@ -35,13 +35,13 @@ import torch.nn.functional as F
 
 from fastppo.kernels._checks import (FLOAT_DTYPES, check_same_device, check_tensor,
                                      check_token_inputs, resolve_backend)
-from fastppo.kernels._truncation import check_truncation
-from fastppo.kernels.ppo_loss import (STATS, NativePPOLossFunction, PPOLossFunction,
-                                      PPOLossOptions, check_ppo_inputs, fused_inputs,
-                                      reference_with_truncation, summary)
+from fastppo.kernels._ppo import (STATS, fused_inputs, ppo_arguments, reference_with_truncation,
+                                  summary)
+from fastppo.kernels._truncation import check_in_kept_set, check_truncation
+from fastppo.kernels.ppo_loss import NativePPOLossFunction, PPOLossFunction
 from fastppo.kernels.reference import PPOLossOutput
 from fastppo.kernels.token_logprobs import (NativeTokenLogprobsFunction, TokenLogprobsFunction,
-                                            check_in_kept_set, token_logprobs)
+                                            token_logprobs)
 
 CHUNKS = 32                     # default: N / 32 rows per chunk (each ~3% of the logits)...
 CHUNK_FLOOR_BYTES = 64 * 2**20  # ...or as many rows as 64 MiB of float32 logits hold, if more
@@ -450,17 +450,9 @@ def linear_ppo_loss(
     ppo_loss row kernels on each chunk. backend="torch" is the reference: linear_token_logprobs'
     log-probs and entropies (4 matmuls), then the reference's per-token terms.
     """
-    labels_in = labels
     _check_linear(hidden, weight, bias, labels)
-    opts = PPOLossOptions(
-        temperature=temperature, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-        dual_clip=dual_clip, value_clip=value_clip, vf_coef=vf_coef, entropy_coef=entropy_coef,
-        kl_coef=kl_coef, kl_estimator=kl_estimator, reduction=reduction, tis_cap=tis_cap,
-        top_k=top_k, top_p=top_p, allow_outside_kept=allow_outside_kept)
-    tensors = dict(old_logprobs=old_logprobs, advantages=advantages, values=values,
-                   old_values=old_values, returns=returns, ref_logprobs=ref_logprobs,
-                   sampler_logprobs=sampler_logprobs)
-    labels = check_ppo_inputs(_stand_in(hidden, weight, labels_in), labels_in, mask, opts, **tensors)
+    opts, tensors, labels = ppo_arguments(_stand_in(hidden, weight, labels),
+                                          locals())  # locals(): the arguments, by name
     backend = resolve_backend(backend, hidden.device, native_dtype=_matmul_dtype(hidden, weight))
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     chunk = _chunk_rows(labels.numel(), weight.shape[0], chunk_rows)

@@ -29,7 +29,8 @@ from fastppo.kernels._checks import check_token_inputs, resolve_backend
 from fastppo.kernels._layout import as_outer_inner
 from fastppo.kernels._rows import (gradient_buffer, launch_config, row_logsumexp,
                                    row_softmax_grad, truncate)
-from fastppo.kernels._truncation import Truncation, check_truncation, thresholds
+from fastppo.kernels._truncation import (Truncation, check_in_kept_set, check_truncation,
+                                         row_thresholds, thresholds)
 from fastppo.kernels._triton import tl, triton
 
 
@@ -135,14 +136,6 @@ def _backward(x3, labels, row_max, log_sum, entropy, grad_logprobs, grad_entropy
             num_warps=warps,
         )
     return grad
-
-
-def row_thresholds(x3, labels, ignore_index, temperature, trunc: Truncation | None, backend):
-    """The rows' truncation thresholds (N,), or None for the plain distribution (trunc None, or
-    nothing it could cut from rows of this length)."""
-    if trunc is None or not trunc.cuts(x3.shape[-1]):
-        return None
-    return thresholds(x3, labels, ignore_index, temperature, trunc, backend)
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
@@ -280,19 +273,6 @@ def token_logprobs(
     if validate and trunc.active:
         check_in_kept_set(logprobs, labels != ignore_index, "labels")
     return (logprobs, entropy[0]) if return_entropy else logprobs
-
-
-def check_in_kept_set(logprobs: torch.Tensor, counted: torch.Tensor, name: str) -> None:
-    """Refuse counted positions whose truncated log-prob is -inf (one device sync): the label has
-    probability zero under the top-k / top-p distribution, so it cannot have been sampled from it."""
-    outside = counted & (logprobs == float("-inf"))
-    if bool(outside.any()):
-        where = [tuple(p) if len(p) > 1 else p[0] for p in outside.nonzero()[:5].tolist()]
-        raise ValueError(
-            f"{name} at positions {where}{' ...' if int(outside.sum()) > 5 else ''} "
-            f"({int(outside.sum())} in all) lie outside the top_k/top_p kept set: probability 0 "
-            "under the truncated distribution, so they cannot have been sampled with these settings "
-            "(check that top_k, top_p and temperature are the sampler's)")
 
 
 def compile_variants():

@@ -1,15 +1,18 @@
 """The `fastppo` command: sft | rm | ppo | pipeline | demo.
 
 Each trainer command takes its dataclass config (fastppo.config) from a YAML file (`--config FILE`)
-and/or flags (`--lr 1e-3`); jsonargparse rejects unknown keys and wrong types, and the config's check()
-rejects impossible combinations, all before any work starts. `fastppo demo` with no arguments runs the
-whole pipeline on the built-in task in a few seconds to a minute on a CPU.
+and/or flags (`--lr 1e-3`); jsonargparse rejects unknown keys, wrong types and a value outside a
+field's choices, and the config's check() (run once, as the run starts: fastppo.run.owns_output)
+rejects impossible combinations, all before any work starts; bad input gets one line on stderr.
+`fastppo demo` with no arguments runs the whole pipeline on the built-in task in a few seconds to a
+minute on a CPU.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+from argparse import ArgumentError
 
 from jsonargparse import ArgumentParser, set_parsing_settings
 
@@ -24,15 +27,16 @@ COMMANDS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "pipeline": Pipe
 
 
 def parser() -> ArgumentParser:
-    root = ArgumentParser(prog="fastppo", description=__doc__.splitlines()[0])
+    root = ArgumentParser(prog="fastppo", description=__doc__.splitlines()[0], exit_on_error=False)
     sub = root.add_subcommands(dest="command")
     for name, cls in COMMANDS.items():
-        p = ArgumentParser(description=f"{name}: {cls.__name__}")
+        p = ArgumentParser(description=f"{name}: {cls.__name__}", exit_on_error=False)
         p.add_argument("--config", action="config", help="YAML file with any of the fields below")
         p.add_class_arguments(cls, nested_key=None, as_group=False)
         sub.add_subcommand(name, p, help=f"train: {cls.__name__}" if name != "pipeline"
                            else "SFT -> RM -> PPO on your data")
-    demo = ArgumentParser(description="the whole pipeline on the built-in task, with a tiny model")
+    demo = ArgumentParser(description="the whole pipeline on the built-in task, with a tiny model",
+                          exit_on_error=False)
     demo.add_class_arguments(DemoConfig, nested_key=None, as_group=False)
     sub.add_subcommand("demo", demo, help="SFT -> RM -> PPO on 'make the continuation positive' (or --task "
                        "arithmetic: SFT -> GRPO with a verifier as the reward)")
@@ -49,16 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parser().parse_args(argv)
+    except ArgumentError as e:  # a flag or YAML key the parser refuses: one line, naming the field
+        command = f"fastppo {argv[0]}" if argv and argv[0] in (*COMMANDS, "demo") else "fastppo"
+        print(f"{command}{_rank()}: error: {' '.join(str(e).split())} (see `{command} --help`)",
+              file=sys.stderr)
+        return 2
     name = args.command
     options = {k: v for k, v in vars(args[name]).items() if k not in ("config", "__path__")}
     try:
         if name == "demo":
             from fastppo.demo import demo
 
-            demo(DemoConfig(**options))
+            demo(DemoConfig(**options))  # checks its config
             return 0
-        cfg = COMMANDS[name](**options)
+        cfg = COMMANDS[name](**options)  # checked once, as its run starts (fastppo.run)
         if name == "pipeline":
             from fastppo.pipeline import run_pipeline
 
@@ -66,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             say(json.dumps({k: v if isinstance(v, (int, float)) else str(v)
                             for k, v in result.items()}, indent=2))
             return 0
-        cfg.check()
         if name == "sft":
             from fastppo.sft import train_sft
 

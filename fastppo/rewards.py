@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 import sys
 from numbers import Real
 from pathlib import Path
 
-SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+from fastppo.config import REWARD_FN_SPEC
 
 
 def load(spec: str):
     """The callable named by "module:function" (an error naming the spec when it cannot be found)."""
-    if not isinstance(spec, str) or not SPEC.match(spec):
+    if not isinstance(spec, str) or not REWARD_FN_SPEC.match(spec):
         raise ValueError(f"reward_fn must be 'module:function' (e.g. 'my_rewards:exact_match'); "
                          f"got {spec!r}")
     module_name, name = spec.split(":")

@@ -78,16 +78,32 @@ def check_output(cfg) -> None:
                          "it, or --overwrite true to delete it and start clean")
 
 
+def check_config(cfg) -> None:
+    """The checks of a run's config alone: cfg.check(), and under torchrun that each of its global
+    sizes (cfg.GLOBAL_SIZES: batch_size, ...) splits evenly over the processes."""
+    cfg.check()
+    distributed.check_divides(**{name: getattr(cfg, name) for name in cfg.GLOBAL_SIZES})
+
+
+def check_start(cfg) -> None:
+    """The checks of where a run goes: its output folder (check_output), device and precision."""
+    check_output(cfg)
+    check_device(cfg.device)
+    check_precision(cfg.dtype, cfg.device)
+
+
 def owns_output(train: Callable) -> Callable:
-    """Decorates a trainer `train(cfg)`: check_output(cfg), then hold a lock on cfg.out for the whole
-    run (a second run into it is refused; a lock left by a dead process on this host is taken
-    over), start clean with --overwrite, and save the resolved config as OUT/config.yaml."""
+    """Decorates a trainer `train(cfg)`, and is where a trainer's run is checked, once, however it is
+    called (the CLI, the pipeline, Python): check_config(cfg) and check_start(cfg), unless the caller
+    ran both (`checked=True`: the pipeline checks every stage before the first). Then hold a lock on
+    cfg.out for the whole run (a second run into it is refused; a lock left by a dead process on
+    this host is taken over), start clean with --overwrite, and save the resolved config as
+    OUT/config.yaml."""
     @functools.wraps(train)
-    def wrapped(cfg):
-        cfg.check()
-        check_output(cfg)  # on every rank, before the process group starts: one message each
-        check_device(cfg.device)
-        check_precision(cfg.dtype, cfg.device)
+    def wrapped(cfg, *, checked: bool = False):
+        if not checked:  # on every rank, before the process group starts: one message each
+            check_config(cfg)
+            check_start(cfg)
         with distributed.group(cfg.device) as device:  # torchrun: the process group
             return _owning(train, dataclasses.replace(cfg, device=device))
     return wrapped

@@ -27,8 +27,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast,
                           Qwen2Config)
 
-from fastppo import demo_task
 from fastppo.data import write_jsonl
+from fastppo.demo import sentiment
 
 FAMILIES = ("gpt2", "llama", "qwen2")
 VOCAB_SIZE = 400  # the BPE trainer's target: 256 bytes + specials + merges
@@ -49,13 +49,13 @@ CHATML = (
 def corpus(n: int = 400, seed: int = 0) -> list[str]:
     """A few hundred sentences of the demo task's words: prompts, continuations, some punctuation."""
     rng = random.Random(seed)
-    words = demo_task.NEUTRAL + demo_task.POSITIVE + demo_task.NEGATIVE
+    words = sentiment.NEUTRAL + sentiment.POSITIVE + sentiment.NEGATIVE
     lines = []
     for _ in range(n):
         body = " ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
-        lines.append(f"{demo_task.prompt(rng)} {body}{rng.choice(['.', '!', ',', ''])}")
-    lines += [" ".join(group) for group in (demo_task.POSITIVE, demo_task.NEGATIVE,
-                                            demo_task.NEUTRAL, demo_task.PROMPT_NOUNS)]
+        lines.append(f"{sentiment.prompt(rng)} {body}{rng.choice(['.', '!', ',', ''])}")
+    lines += [" ".join(group) for group in (sentiment.POSITIVE, sentiment.NEGATIVE,
+                                            sentiment.NEUTRAL, sentiment.PROMPT_NOUNS)]
     return lines
 
 
@@ -183,7 +183,7 @@ def data(directory: Path, *, sft: int = 64, rm: int = 64, prompts: int = 32,
     directory = Path(directory)
     paths = {"sft_data": directory / "sft.jsonl", "rm_data": directory / "rm.jsonl",
              "prompts": directory / "prompts.jsonl"}
-    write_jsonl(paths["sft_data"], demo_task.sft_rows(sft, 0, max_words))
-    write_jsonl(paths["rm_data"], demo_task.rm_rows(rm, 1, max_words))
-    write_jsonl(paths["prompts"], demo_task.ppo_rows(prompts, 2))
+    write_jsonl(paths["sft_data"], sentiment.sft_rows(sft, 0, max_words))
+    write_jsonl(paths["rm_data"], sentiment.rm_rows(rm, 1, max_words))
+    write_jsonl(paths["prompts"], sentiment.ppo_rows(prompts, 2))
     return {k: str(v) for k, v in paths.items()}

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from fastppo import demo_task as task
 from fastppo.data import special_ids, write_jsonl
+from fastppo.demo import sentiment as task
 from fastppo.kernels import token_logprobs
 from fastppo.models import (lm_logits, load_lm, new_reward_model, plain_state, save_model,
                             tiny_llama)

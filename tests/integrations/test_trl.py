@@ -313,7 +313,7 @@ def test_fused_head_defers_to_trl_for_what_fastppo_does_not_compute(ftrl, scale,
 
 def _tiny_model_dir():
     from transformers import LlamaConfig, LlamaForCausalLM
-    from fastppo.demo_task import build_tokenizer
+    from fastppo.demo.sentiment import build_tokenizer
     tok = build_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -329,7 +329,7 @@ def _tiny_model_dir():
 def _train(trainer_name, model_dir, tok, steps=4):
     import trl
     from datasets import Dataset
-    from fastppo.demo_task import oracle
+    from fastppo.demo.sentiment import oracle
     config_cls = getattr(trl, trainer_name.replace("Trainer", "Config"))
     trainer_cls = getattr(trl, trainer_name)
     args = config_cls(output_dir=tempfile.mkdtemp(prefix="fastppo-trl-out-"), per_device_train_batch_size=4,

@@ -1,10 +1,13 @@
 """`fastppo demo`: the whole pipeline (SFT -> reward model -> PPO) on the built-in task
-(fastppo.demo_task: "make the continuation positive") with a tiny Llama trained from scratch, and the
-oracle evaluation that tells whether PPO learned the hidden preference.
+(fastppo.demo.sentiment: "make the continuation positive") with a tiny Llama trained from scratch, and
+the oracle evaluation that tells whether PPO learned the hidden preference.
 
 `fastppo demo --task arithmetic`: SFT on a few single-digit additions, then GRPO with a verifiable
-reward (fastppo.demo_arithmetic: a Python function, no reward model, no critic), and the fraction of
-correct answers before and after."""
+reward (fastppo.demo.arithmetic: a Python function, no reward model, no critic), and the fraction of
+correct answers before and after.
+
+The tasks themselves (data, tokenizer, oracle or verifier) are the modules beside this one; this one
+runs them."""
 from __future__ import annotations
 
 import json
@@ -12,14 +15,14 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoTokenizer
 
-from fastppo import demo_arithmetic
-from fastppo import demo_task as task
-from fastppo.config import PPOConfig, SFTConfig
+from fastppo.config import PPOConfig, SFTConfig, check_choices
 from fastppo.data import encode_prompts, special_ids, write_jsonl
+from fastppo.demo import arithmetic, sentiment
 from fastppo.kernels import token_logprobs
 from fastppo.models import lm_logits, load_lm, tiny_llama
 from fastppo.pipeline import PipelineConfig, run_pipeline
@@ -28,9 +31,9 @@ from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
 from fastppo.sft import train_sft
 
-TASKS = ("sentiment", "arithmetic")
 # Per task: SFT steps, reward-model steps (none for arithmetic), PPO iterations.
 DEFAULTS = {"sentiment": (250, 250, 30), "arithmetic": (100, 0, 60)}
+Task = Literal[tuple(DEFAULTS)]  # "sentiment", "arithmetic"
 
 
 @dataclass
@@ -39,7 +42,7 @@ class DemoConfig:
     """Output folder (the base model, the data, one folder per stage, summary.json)."""
     seed: int = 0
     """Seed of the data, the model and every stage."""
-    task: str = "sentiment"
+    task: Task = "sentiment"
     """"sentiment" (SFT -> reward model -> PPO with a critic, "make the continuation positive") or
     "arithmetic" (SFT -> GRPO with a reward function that checks single-digit sums)."""
     sft_steps: int | None = None
@@ -50,8 +53,7 @@ class DemoConfig:
     """PPO iterations (None: the task's, 30 for sentiment, 60 for arithmetic)."""
 
     def check(self) -> "DemoConfig":
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}; got {self.task!r}")
+        check_choices(self)
         for name, default in zip(("sft_steps", "rm_steps", "ppo_iterations"), DEFAULTS[self.task]):
             if getattr(self, name) is None:
                 setattr(self, name, default)
@@ -79,7 +81,7 @@ def evaluate(policy_dir, reference_dir, prompts: list[str], *, max_new_tokens: i
     ref = token_logprobs(lm_logits(reference, batch.input_ids, batch.attention_mask, at), labels)
     texts = tokenizer.batch_decode(batch.responses.masked_fill(~batch.response_mask, pad),
                                    skip_special_tokens=True)
-    score = sum(task.oracle(t) for t in texts) / len(texts)
+    score = sum(sentiment.oracle(t) for t in texts) / len(texts)
     return score, (lp - ref).sum(-1).mean().item()
 
 
@@ -104,11 +106,11 @@ def demo(cfg: DemoConfig | None = None, *, device: str = "cpu", quiet: bool = Fa
         return demo_arithmetic_task(cfg, device=device, quiet=quiet)
     start = time.perf_counter()
     out_dir, seed = Path(cfg.out), cfg.seed
-    base = seeded_base_model(out_dir, seed, task.build_tokenizer())
+    base = seeded_base_model(out_dir, seed, sentiment.build_tokenizer())
     data = out_dir / "data"
-    write_jsonl(data / "sft.jsonl", task.sft_rows(2000, seed, MAX_WORDS))
-    write_jsonl(data / "rm.jsonl", task.rm_rows(2000, seed + 1, MAX_WORDS))
-    write_jsonl(data / "prompts.jsonl", task.ppo_rows(500, seed + 2))
+    write_jsonl(data / "sft.jsonl", sentiment.sft_rows(2000, seed, MAX_WORDS))
+    write_jsonl(data / "rm.jsonl", sentiment.rm_rows(2000, seed + 1, MAX_WORDS))
+    write_jsonl(data / "prompts.jsonl", sentiment.ppo_rows(500, seed + 2))
     pipeline = PipelineConfig(
         model=str(base), sft_data=str(data / "sft.jsonl"), rm_data=str(data / "rm.jsonl"),
         prompts=str(data / "prompts.jsonl"), out=str(out_dir), sft_steps=cfg.sft_steps,
@@ -118,7 +120,7 @@ def demo(cfg: DemoConfig | None = None, *, device: str = "cpu", quiet: bool = Fa
         ppo=dict(max_new_tokens=MAX_WORDS + 1, batch_size=64, mini_batch_size=32, kl_coef=0.05,
                  lr=2e-3, save_every=10, overwrite=True))
     stages = run_pipeline(pipeline)
-    eval_prompts = [r["prompt"] for r in task.ppo_rows(256, seed + 3)]
+    eval_prompts = [r["prompt"] for r in sentiment.ppo_rows(256, seed + 3)]
     kwargs = dict(max_new_tokens=MAX_WORDS + 1, seed=seed + 4, device=device)
     oracle_sft, _ = evaluate(stages["sft"], stages["sft"], eval_prompts, **kwargs)
     oracle_ppo, kl = evaluate(stages["ppo"], stages["sft"], eval_prompts, **kwargs)
@@ -144,11 +146,11 @@ def accuracy(policy_dir, *, seed: int, samples: int = 4, device: str = "cpu") ->
     pad, eos = special_ids(tokenizer)
     rollout = HFRollout(load_lm(policy_dir, device).eval(), Sampling(3), eos_id=eos, pad_id=pad,
                         device=device, seed=seed)
-    prompts = [row["prompt"] for row in demo_arithmetic.ppo_rows()] * samples
+    prompts = [row["prompt"] for row in arithmetic.ppo_rows()] * samples
     batch = rollout.generate(encode_prompts(tokenizer, prompts))
     texts = tokenizer.batch_decode(batch.responses.masked_fill(~batch.response_mask, pad),
                                    skip_special_tokens=True)
-    return sum(demo_arithmetic.is_correct(p, t) for p, t in zip(prompts, texts)) / len(prompts)
+    return sum(arithmetic.is_correct(p, t) for p, t in zip(prompts, texts)) / len(prompts)
 
 
 def demo_arithmetic_task(cfg: DemoConfig, *, device: str = "cpu", quiet: bool = False) -> dict:
@@ -157,16 +159,16 @@ def demo_arithmetic_task(cfg: DemoConfig, *, device: str = "cpu", quiet: bool = 
     fraction of correct answers of the SFT and the GRPO policies."""
     start = time.perf_counter()
     out_dir, seed = Path(cfg.out), cfg.seed
-    base = seeded_base_model(out_dir, seed, demo_arithmetic.build_tokenizer())
+    base = seeded_base_model(out_dir, seed, arithmetic.build_tokenizer())
     data = out_dir / "data"
-    write_jsonl(data / "sft.jsonl", demo_arithmetic.sft_rows(50, seed))
-    write_jsonl(data / "prompts.jsonl", demo_arithmetic.ppo_rows())
+    write_jsonl(data / "sft.jsonl", arithmetic.sft_rows(50, seed))
+    write_jsonl(data / "prompts.jsonl", arithmetic.ppo_rows())
     sft = train_sft(SFTConfig(data=str(data / "sft.jsonl"), model=str(base), out=str(out_dir / "sft"),
                               steps=cfg.sft_steps, batch_size=32, lr=3e-3, seed=seed, device=device,
                               overwrite=True))
     ppo = train_ppo(PPOConfig(
         prompts=str(data / "prompts.jsonl"), policy=str(sft), out=str(out_dir / "ppo"),
-        reward_fn="fastppo.demo_arithmetic:reward", advantage_estimator="grpo",
+        reward_fn="fastppo.demo.arithmetic:reward", advantage_estimator="grpo",
         samples_per_prompt=8, batch_size=128, mini_batch_size=64, max_new_tokens=3, kl_coef=0.0,
         loss_reduction="seq-mean-token-mean", lr=5e-4, iterations=cfg.ppo_iterations, seed=seed,
         save_every=20, device=device, overwrite=True))

@@ -3,7 +3,7 @@ arithmetic`), self-contained.
 
 A prompt is "a + b =" (a, b in 0..9, one token per symbol), a response the sum's digits and EOS. The
 reward is a program: 1 when the response parses to a + b, else 0 (`reward`, the reward function the
-PPO stage names as "fastppo.demo_arithmetic:reward"). SFT sees a few demonstrations, a fraction of
+PPO stage names as "fastppo.demo.arithmetic:reward"). SFT sees a few demonstrations, a fraction of
 the 100 problems; GRPO (no critic, no reward model) then trains on every problem with 8 samples each.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 
 from transformers import PreTrainedTokenizerFast
 
-from fastppo.demo_task import word_tokenizer
+from fastppo.demo.sentiment import word_tokenizer
 
 SYMBOLS = [str(d) for d in range(10)] + ["+", "="]
 PROBLEMS = [(a, b) for a in range(10) for b in range(10)]

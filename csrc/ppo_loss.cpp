@@ -4,7 +4,7 @@
 // the vocabulary pass and the backward through csrc/token_logprobs.cpp; the same math as its Triton
 // forward kernel after the vocabulary loop.
 //
-// The rows of the per-token buffer are defined once, by STATS in kernels/ppo_loss.py; the build
+// The rows of the per-token buffer are defined once, by STATS in kernels/_ppo.py; the build
 // (kernels/_native.py) passes them as -DPPO_STAT_<NAME>=<row> and -DPPO_STAT_COUNT=len(STATS).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -17,7 +17,7 @@
     !defined(PPO_STAT_VF) || !defined(PPO_STAT_CLIPPED) || !defined(PPO_STAT_VCLIPPED) ||   \
     !defined(PPO_STAT_LOSS) || !defined(PPO_STAT_DLP) || !defined(PPO_STAT_DV) ||           \
     !defined(PPO_STAT_MAX) || !defined(PPO_STAT_LOGSUM) || !defined(PPO_STAT_COUNT)
-#error "ppo_loss.cpp needs -DPPO_STAT_<NAME>=<row> for every name in kernels/ppo_loss.py's STATS \
+#error "ppo_loss.cpp needs -DPPO_STAT_<NAME>=<row> for every name in kernels/_ppo.py's STATS \
 and -DPPO_STAT_COUNT (kernels/_native.py passes them)"
 #endif
 
@@ -25,7 +25,7 @@ namespace fastppo {
 
 namespace {
 
-// Rows of the (PPO_STAT_COUNT, N) float32 buffer, numbered as STATS in kernels/ppo_loss.py.
+// Rows of the (PPO_STAT_COUNT, N) float32 buffer, numbered as STATS in kernels/_ppo.py.
 enum Stat : int64_t {
   LP = PPO_STAT_LP,
   ENTROPY = PPO_STAT_ENTROPY,

@@ -7,8 +7,9 @@ P-1 .. P+R-2 predict the response tokens for every row at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -106,6 +107,8 @@ def encode_responses(tokenizer, responses: list[str]) -> list[list[int]]:
 
 @dataclass
 class Batch:
+    """A batch in the one token layout (module docstring). Model calls take a Batch (fastppo.models):
+    a different layout changes this class and the model wrappers only."""
     input_ids: torch.Tensor       # (B, P + R)
     attention_mask: torch.Tensor  # (B, P + R) bool
     response_mask: torch.Tensor   # (B, R) bool: the response tokens that count
@@ -113,10 +116,26 @@ class Batch:
     # (B, R) float32: the log-prob the rollout's sampler gave each response token, under the
     # distribution it drew from (temperature, top-k, top-p applied); 0 on padding. None: not a rollout.
     sampler_logprobs: torch.Tensor | None = None
+    # Per-response-token tensors (B, R) a trainer attaches to the rows (old log-probs, advantages,
+    # ...): select() and to() carry them with the rows.
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def sequences(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> "Batch":
+        """Whole sequences as a batch: the first token the prompt, every later one a response token
+        (a model then returns its outputs at positions 0 .. L-2, which predict tokens 1 .. L-1)."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
+            else attention_mask.bool()
+        return cls(input_ids, mask, mask[:, 1:].clone(), 1)
 
     @property
     def responses(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_len:]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The response tokens as log-prob labels: -100 (ignored) where response_mask is False."""
+        return self.responses.masked_fill(~self.response_mask, -100)
 
     @property
     def response_positions(self) -> slice:
@@ -124,15 +143,21 @@ class Batch:
         compute logits (and values) only there (fastppo.models)."""
         return slice(self.prompt_len - 1, self.input_ids.shape[1] - 1)
 
+    def with_tokens(self, **per_token: torch.Tensor) -> "Batch":
+        """This batch with per-token tensors added (or replaced); response_mask= replaces the mask."""
+        mask = per_token.pop("response_mask", self.response_mask)
+        return dataclasses.replace(self, response_mask=mask, per_token={**self.per_token, **per_token})
+
+    def _map(self, f) -> "Batch":
+        sampler = None if self.sampler_logprobs is None else f(self.sampler_logprobs)
+        return Batch(f(self.input_ids), f(self.attention_mask), f(self.response_mask),
+                     self.prompt_len, sampler, {k: f(v) for k, v in self.per_token.items()})
+
     def to(self, device) -> "Batch":
-        sampler = None if self.sampler_logprobs is None else self.sampler_logprobs.to(device)
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
-                     self.response_mask.to(device), self.prompt_len, sampler)
+        return self._map(lambda t: t.to(device))
 
     def select(self, index) -> "Batch":
-        sampler = None if self.sampler_logprobs is None else self.sampler_logprobs[index]
-        return Batch(self.input_ids[index], self.attention_mask[index], self.response_mask[index],
-                     self.prompt_len, sampler)
+        return self._map(lambda t: t[index])
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int,

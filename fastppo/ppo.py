@@ -27,56 +27,32 @@ leaves the kept set during the PPO epochs counts with ratio 0 (`outside_kept_tra
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from fastppo import distributed, rewards, run
+from fastppo import distributed, rewards, rollout, run
 from fastppo.config import PPOConfig
 from fastppo.data import Batch, encode_prompts, limit_prompts, read_jsonl, special_ids
-from fastppo.kernels import (gae, group_advantages, kl_rewards, linear_ppo_loss, masked_whiten,
-                             ppo_loss, reward_to_go)
-from fastppo.metrics import MetricsLog, peak_memory_mib, plot, reset_peak_memory
-from fastppo.models import (ADAPTER, ActorCritic, LogitsAt, adapters_off, add_lora,
-                            check_fits_context, check_model_dir, check_reward_model_dir,
-                            check_same_tokenizer, enable_gradient_checkpointing, eval_mode,
-                            fusable_head, head_logprobs, load_adapter, load_lm, load_reward_model,
-                            plain_state, precision, save_model, value_head_state)
+from fastppo.kernels import gae, group_advantages, kl_rewards, masked_whiten, reward_to_go
+from fastppo.metrics import peak_memory_mib, plot, reset_peak_memory
+from fastppo.models import (ActorCritic, AdaptersOff, PolicyLM, eval_mode, load_lm,
+                            load_reward_model, precision, save_model)
+from fastppo.prepare import freeze_and_shard, prepare
+from fastppo.preflight import (check_fits_context, check_model_dir, check_reward_model_dir,
+                               check_same_tokenizer)
 from fastppo.rollout import Sampling
-from fastppo.rollout.hf import HFRollout
 
 PLOT_KEYS = ["score_mean", "kl", "reward", "entropy", "value_loss", "clipfrac", "response_length"]
+STATS = ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     v, r = values[mask].double(), returns[mask].double()
     var = r.var() if r.numel() > 1 else torch.tensor(0.0)
     return float("nan") if var == 0 else float(1 - (r - v).var() / var)
-
-
-def generate_global(rollout, prompts, iteration, cfg) -> Batch:
-    """The iteration's rollout as one global batch on every rank: each rank generates its rows
-    (sampled from uniforms keyed by their global row, prompts padded to the global width), then the
-    ranks exchange them (tokens and masks only: B x (P + R) integers)."""
-    rows = distributed.my_rows(torch.arange(len(prompts)))
-    P = max(len(p) for p in prompts)
-    local = rollout.generate([prompts[i] for i in rows.tolist()], iteration=iteration, rows=rows,
-                             prompt_len=P)
-    if distributed.world() == 1:
-        return local
-    width = P + cfg.max_new_tokens  # the widest a rank's batch can be; trimmed after the exchange
-    grow = lambda t, fill: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)  # noqa: E731
-    ids = distributed.gather_rows(grow(local.input_ids, rollout.pad_id))
-    attention = distributed.gather_rows(grow(local.attention_mask.long(), 0)).bool()
-    sampler = distributed.gather_rows(torch.nn.functional.pad(
-        local.sampler_logprobs, (0, cfg.max_new_tokens - local.sampler_logprobs.shape[1])))
-    R = int(attention[:, P:].any(0).nonzero().max()) + 1 if attention[:, P:].any() else 1
-    return Batch(ids[:, :P + R], attention[:, :P + R], attention[:, P:P + R].clone(), P,
-                 sampler[:, :R])
 
 
 def sampler_gap(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor,
@@ -103,28 +79,6 @@ def truncation_metrics(old_logprobs, plain_logprobs, sampler_logprobs, mask, out
             "outside_kept_rollout": int(outside.sum())}
 
 
-def make_rollout(cfg: PPOConfig, model: ActorCritic, *, eos: int, pad: int, longest: int):
-    """The configured rollout engine (fastppo.rollout) at the config's sampling settings."""
-    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-    if cfg.rollout_engine == "hf":
-        return HFRollout(model.lm, sampling, eos_id=eos, pad_id=pad, device=cfg.device,
-                         seed=cfg.seed)
-    from fastppo.rollout.vllm import VLLMRollout
-    return VLLMRollout(cfg.policy, sampling, eos_id=eos, pad_id=pad, device=cfg.device,
-                       seed=cfg.seed, dtype=cfg.dtype, max_model_len=longest,
-                       max_rows=cfg.batch_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                       sleep=cfg.vllm_sleep)
-
-
-def without_adapters(model: ActorCritic):
-    """PPO's reference under LoRA: the policy's own forward with every adapter off (through the
-    actor-critic, so that FSDP2 gathers its root), its logits (or hidden states) only."""
-    def logits(input_ids, attention_mask, positions, hidden_only=False):
-        with adapters_off(model.lm):
-            return model(input_ids, attention_mask, positions, hidden_only=hidden_only)[0]
-    return logits
-
-
 def make_scorer(cfg: PPOConfig, reward_model, reward_fn, tokenizer):
     """score(mb, rows) -> (scores of mb's rows, rows reward_fn_error_value was given to): the
     weighted sum of the reward model's score and reward_fn's value (fastppo.rewards)."""
@@ -132,7 +86,7 @@ def make_scorer(cfg: PPOConfig, reward_model, reward_fn, tokenizer):
         total = torch.zeros(len(rows), device=cfg.device)
         if reward_model is not None:
             with precision(cfg.device, cfg.dtype):
-                total += cfg.reward_model_weight * reward_model(mb.input_ids, mb.attention_mask).float()
+                total += cfg.reward_model_weight * reward_model(mb).float()
         if reward_fn is None:
             return total, 0
         P = mb.prompt_len
@@ -146,16 +100,63 @@ def make_scorer(cfg: PPOConfig, reward_model, reward_fn, tokenizer):
     return score
 
 
+def read_prompts(cfg: PPOConfig):
+    """(tokenizer, encoded prompts, reward function or None), every input and model directory checked
+    before any model is loaded: the data, the policy, the reward model (and its tokenizer), the
+    context, the rollout engine's own checks."""
+    rows = read_jsonl(cfg.prompts, "ppo")
+    check_model_dir(cfg.policy, "policy")
+    if cfg.reward_model:
+        check_reward_model_dir(cfg.reward_model, "reward_model")
+    reward_fn = rewards.load(cfg.reward_fn) if cfg.reward_fn else None
+    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    if cfg.reward_model:
+        check_same_tokenizer(tokenizer, cfg.reward_model, "reward_model")
+    prompts = limit_prompts(encode_prompts(tokenizer, [r["prompt"] for r in rows]),
+                            cfg.max_prompt_length, cfg.truncate_prompts, tokenizer.bos_token_id)
+    longest = max(len(p) for p in prompts) + cfg.max_new_tokens
+    for path in (cfg.policy, cfg.reward_model):
+        if path:
+            check_fits_context(path, longest, "the longest prompt + max_new_tokens")
+    rollout.preflight(cfg)  # before any model is loaded
+    return tokenizer, prompts, reward_fn
+
+
+def build_models(cfg: PPOConfig, eos: int):
+    """(actor-critic, reference, reward model or None, optimizer), prepared for the run
+    (fastppo.prepare): the reference is a frozen copy of the SFT weights, or under LoRA the policy
+    itself with its adapters off (no second copy). Under torchrun every model is sharded (FSDP2) and
+    the policy is gathered whole for each rollout (distributed.gathered)."""
+    model = ActorCritic(load_lm(cfg.policy, cfg.device, cfg.dtype)).to(cfg.device)
+    reference = None if cfg.lora_rank else PolicyLM(copy.deepcopy(model.lm))  # the SFT weights
+    reward_model = None
+    if cfg.reward_model:
+        reward_model = load_reward_model(cfg.reward_model, cfg.device, cfg.dtype)
+    optimizer = prepare(model, cfg)  # with LoRA: the adapters and the value head train
+    reference = AdaptersOff(model) if cfg.lora_rank else freeze_and_shard(
+        reference, fused_linear=cfg.fused_linear)
+    if reward_model is not None:
+        freeze_and_shard(reward_model)
+    if distributed.world() > 1:
+        with torch.no_grad():  # FSDP2 takes the module of the first forward for its root
+            ones = torch.ones(1, 2, dtype=torch.bool, device=cfg.device)
+            model(Batch(torch.tensor([[eos, eos]], device=cfg.device), ones, ones[:, 1:], 1))
+        model.reshard()
+    return model, reference, reward_model, optimizer
+
+
 @torch.no_grad()
-def rollout_forward(model, reference, score, batch, order, cfg, sampling, heads, critic):
+def rollout_forward(model, reference, score, batch: Batch, order, cfg, sampling: Sampling,
+                    critic: bool):
     """Old log-probs (under the sampling distribution: temperature, top-k, top-p) and values
     (actor-critic; no values without a critic), the policy's untruncated log-probs (the kept-mass
     metric; with top-k/top-p only, else the old ones), reference log-probs (full tempered
     distribution), scores: one no-grad pass each, in the mini-batches of the first PPO epoch
-    (`order`; each rank takes its share of each). Every rank ends with the whole batch's.
-    heads: the policy's and the reference's fusable LM heads (None: from logits)."""
+    (`order`; each rank takes its share of each). Every rank ends with the whole batch's: the batch
+    with per-token old_logprobs, plain_logprobs, old_values, ref_logprobs, and (scores, reward_fn
+    errors, timings)."""
     B, R = batch.response_mask.shape
-    temperature = sampling.temperature
+    truncation = dict(top_k=sampling.top_k, top_p=sampling.top_p)
     truncated = bool(sampling.top_k) or sampling.top_p < 1.0
     old_logprobs = torch.zeros(B, R, device=cfg.device)
     plain_logprobs = torch.zeros_like(old_logprobs) if truncated else old_logprobs
@@ -166,22 +167,19 @@ def rollout_forward(model, reference, score, batch, order, cfg, sampling, heads,
     for i in range(0, B, cfg.mini_batch_size):
         idx = distributed.my_rows(order[i:i + cfg.mini_batch_size])
         mb = batch.select(idx)
-        labels = mb.responses.masked_fill(~mb.response_mask, -100)
         with precision(cfg.device, cfg.dtype):  # as in training: the same logits, bit for bit
-            states, v = model(mb.input_ids, mb.attention_mask, mb.response_positions,
-                              hidden_only=heads[0] is not None, with_values=critic)
-            old_logprobs[idx] = head_logprobs(states, heads[0], labels, temperature=temperature,
-                                              top_k=sampling.top_k, top_p=sampling.top_p)
+            states, v = model(mb, with_values=critic)
+            old_logprobs[idx] = model.head.logprobs(states, mb.labels,
+                                                    temperature=sampling.temperature, **truncation)
             if truncated:
-                plain_logprobs[idx] = head_logprobs(states, heads[0], labels,
-                                                    temperature=temperature)
+                plain_logprobs[idx] = model.head.logprobs(states, mb.labels,
+                                                          temperature=sampling.temperature)
             if critic:
                 values[idx] = v
         t0 = time.perf_counter()
         with precision(cfg.device, cfg.dtype):
-            ref = reference(mb.input_ids, mb.attention_mask, mb.response_positions,
-                            hidden_only=heads[1] is not None)
-            ref_logprobs[idx] = head_logprobs(ref, heads[1], labels, temperature=temperature)
+            ref_logprobs[idx] = reference.head.logprobs(reference(mb), mb.labels,
+                                                        temperature=sampling.temperature)
         t1 = time.perf_counter()
         scores[idx], mb_errors = score(mb, idx.tolist())
         errors += mb_errors
@@ -190,7 +188,9 @@ def rollout_forward(model, reference, score, batch, order, cfg, sampling, heads,
     # each row from one rank
     distributed.sum_over_ranks(old_logprobs, values, ref_logprobs, scores, errors,
                                *([plain_logprobs] if truncated else []))
-    return old_logprobs, plain_logprobs, values, ref_logprobs, scores, int(errors), timings
+    batch = batch.with_tokens(old_logprobs=old_logprobs, plain_logprobs=plain_logprobs,
+                              old_values=values, ref_logprobs=ref_logprobs)
+    return batch, scores, int(errors), timings
 
 
 def estimate_advantages(cfg, rewards_, old_values, mask):
@@ -207,96 +207,136 @@ def estimate_advantages(cfg, rewards_, old_values, mask):
     return per_row[:, None] * mask, None
 
 
-@run.owns_output  # cfg.out: locked for this run, resume/overwrite checked, config.yaml saved
+def loss_options(cfg: PPOConfig, sampling: Sampling, kl_coef: float, critic: bool) -> dict:
+    """The iteration's ppo_loss options that do not depend on the mini-batch."""
+    options = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
+                   entropy_coef=cfg.entropy_coef, temperature=sampling.temperature,
+                   top_k=sampling.top_k, top_p=sampling.top_p,
+                   # the policy moves between mini-batches: a sampled token may leave its kept set
+                   allow_outside_kept=True,
+                   reduction="sum" if cfg.loss_reduction == "token-mean" else "seq-mean-token-mean",
+                   tis_cap=cfg.tis_cap)
+    if critic:
+        options.update(value_clip=cfg.value_clip, vf_coef=cfg.vf_coef)
+    if cfg.kl_in_loss:
+        options.update(kl_coef=kl_coef, kl_estimator=cfg.kl_loss_estimator)
+    return options
+
+
+def ppo_epochs(model, optimizer, batch: Batch, epoch_orders, cfg: PPOConfig, options: dict,
+               critic: bool, at: str) -> tuple[dict, float]:
+    """ppo_epochs passes of ppo_loss over mini-batches of `batch` (its response_mask: the tokens in
+    the loss; per-token old_logprobs, advantages, ref_logprobs, old_values and returns), with
+    gradient clipping and AdamW. Each rank takes its share of every mini-batch; its loss is its share
+    of the global mini-batch's mean (share_of_mean: over tokens, or over responses of their token
+    means), so the gradient FSDP averages is the one-process one. Returns (the mean stats of the
+    global mini-batches, the first mini-batch's largest |ratio - 1|: 0 up to rounding)."""
+    stats, outside_train, first_ratio_error = [], [], None
+    by_tokens = cfg.loss_reduction == "token-mean"
+    for order in epoch_orders:
+        for i in range(0, cfg.batch_size, cfg.mini_batch_size):
+            tokens = batch.response_mask[order[i:i + cfg.mini_batch_size]].sum().clamp(min=1)
+            responses = batch.response_mask[order[i:i + cfg.mini_batch_size]].any(-1).sum().clamp(min=1)
+            mb = batch.select(distributed.my_rows(order[i:i + cfg.mini_batch_size]))
+            t = mb.per_token
+            # the loss is a sum over my tokens (token-mean), or a mean over my responses
+            mine_of_total = (1.0, tokens) if by_tokens else (mb.response_mask.any(-1).sum(), responses)
+            tensors = dict(sampler_logprobs=None if cfg.tis_cap is None else mb.sampler_logprobs)
+            if critic:
+                tensors.update(old_values=t["old_values"], returns=t["returns"])
+            if cfg.kl_in_loss:
+                tensors.update(ref_logprobs=t["ref_logprobs"])
+            with precision(cfg.device, cfg.dtype):  # bf16 matmuls; the loss in float32
+                states, values = model(mb, with_values=critic)  # logits, or hidden states
+                out = model.head.ppo_loss(states, mb.responses, t["old_logprobs"], t["advantages"],
+                                          mb.response_mask, values=values, **options, **tensors)
+            loss = distributed.share_of_mean(out.loss * mine_of_total[0], mine_of_total[1])
+            if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
+                with torch.no_grad(), precision(cfg.device, cfg.dtype):
+                    lp = model.head.logprobs(states.detach(), mb.labels,
+                                             temperature=options["temperature"],
+                                             top_k=options["top_k"], top_p=options["top_p"])
+                    ratio = torch.exp(lp - t["old_logprobs"])[mb.response_mask]
+                    first_ratio_error = distributed.max_over_ranks(
+                        (ratio - 1).abs().max().item() if ratio.numel() else 0.0, cfg.device)
+            mine = mb.response_mask.sum()  # the global mini-batch's stats, summed over ranks
+            if out.outside_kept is not None:
+                outside_train.append(out.outside_kept * mine / tokens)
+            value_loss = out.value_loss if critic else torch.zeros_like(out.loss)
+            share = lambda x: x * mine_of_total[0] / mine_of_total[1]  # noqa: E731  (x / tokens, bit for bit)
+            stats.append(torch.stack([share(out.policy_loss), share(value_loss),
+                                      out.entropy * mine / tokens, out.clipfrac * mine / tokens,
+                                      out.approx_kl * mine / tokens]))
+            run.step(optimizer, loss, cfg.out, what="PPO", at=at, max_norm=cfg.max_grad_norm,
+                     model=model)
+    stats = torch.stack(stats)
+    distributed.sum_over_ranks(stats)
+    mean = dict(zip(STATS, stats.mean(0).tolist()))
+    mean["outside_kept_train"] = 0.0
+    if outside_train:
+        outside_train = torch.stack(outside_train)
+        distributed.sum_over_ranks(outside_train)
+        mean["outside_kept_train"] = outside_train.mean().item()
+    return mean, first_ratio_error
+
+
+def metrics_row(cfg: PPOConfig, iteration: int, batch: Batch, loss_mask, outside, token_rewards,
+                scores, kl_coef, critic, mean, first_ratio_error, reward_fn_errors, times,
+                memory_at_start) -> dict:
+    """The iteration's row of metrics.jsonl (docs/engine.md says what each means). kl is
+    kl_truncation + kl_untruncated: with top-k/top-p the policy that samples is the truncated one and
+    the reference the full distribution, so kl starts at the kept mass's -log before any update."""
+    mask, t = batch.response_mask, batch.per_token
+    old, plain, ref = t["old_logprobs"], t["plain_logprobs"], t["ref_logprobs"]
+    lengths = mask.sum(-1).float()
+    per_row = lambda x: (x * mask).sum(-1).mean().item()  # noqa: E731
+    t_start, t_sync, t_generate, t_end, timings = times
+    return {
+        "step": iteration, "score_mean": scores.mean().item(), "score_std": scores.std().item(),
+        "reward": per_row(token_rewards), "kl": per_row(old - ref), "kl_coef": kl_coef,
+        "entropy": mean["entropy"], "policy_loss": mean["policy_loss"],
+        "logprob_mean": old[loss_mask].mean().item() if loss_mask.any() else 0.0,
+        "value_loss": mean["value_loss"], "clipfrac": mean["clipfrac"],
+        "approx_kl": mean["approx_kl"], "first_ratio_max_error": first_ratio_error,
+        "explained_variance": (explained_variance(t["old_values"], t["returns"], mask) if critic
+                               else float("nan")),
+        "reward_fn_errors": reward_fn_errors,
+        "response_length": lengths.mean().item(),
+        "tokens_per_s": lengths.sum().item() * (1 + cfg.ppo_epochs) / (t_end - t_start),
+        "time_sync": t_sync - t_start, "time_generate": t_generate - t_sync,
+        "time_reference": timings["reference"],
+        "time_score": timings["score"],
+        "time_train": t_end - t_generate - timings["reference"] - timings["score"],
+        # the largest rank's (under torchrun)
+        "peak_memory_mib": distributed.max_over_ranks(peak_memory_mib(cfg.device), cfg.device),
+        "iteration_memory_mib": distributed.max_over_ranks(
+            peak_memory_mib(cfg.device) - memory_at_start, cfg.device),
+        "world_size": distributed.world(),
+        **sampler_gap(old, batch.sampler_logprobs, loss_mask),
+        **truncation_metrics(old, plain, batch.sampler_logprobs, loss_mask, outside),
+        "outside_kept_train": mean["outside_kept_train"],
+        "kl_truncation": per_row(torch.where(outside, 0.0, old - plain)),
+        "kl_untruncated": per_row(torch.where(outside, old - ref, plain - ref)),
+    }
+
+
+@run.owns_output  # cfg.out: checked, locked for this run, resume/overwrite handled, config.yaml saved
 def train_ppo(cfg: PPOConfig) -> Path:
     """Returns the final checkpoint directory (the policy as a Hugging Face directory + value head)."""
-    cfg.check()
-    rows = read_jsonl(cfg.prompts, "ppo")
-    check_model_dir(cfg.policy, "policy")
-    if cfg.reward_model:
-        check_reward_model_dir(cfg.reward_model, "reward_model")
-    reward_fn = rewards.load(cfg.reward_fn) if cfg.reward_fn else None
-    out = Path(cfg.out)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
-    if cfg.reward_model:
-        check_same_tokenizer(tokenizer, cfg.reward_model, "reward_model")
+    tokenizer, prompts, reward_fn = read_prompts(cfg)
     pad, eos = special_ids(tokenizer)
-    prompts = limit_prompts(encode_prompts(tokenizer, [r["prompt"] for r in rows]),
-                            cfg.max_prompt_length, cfg.truncate_prompts, tokenizer.bos_token_id)
-    longest = max(len(p) for p in prompts) + cfg.max_new_tokens
-    for path in (cfg.policy, cfg.reward_model):
-        if path:
-            check_fits_context(path, longest, "the longest prompt + max_new_tokens")
-    if cfg.rollout_engine == "vllm":
-        if distributed.world() > 1:
-            raise ValueError("rollout_engine='vllm' runs in one process for now (one vLLM engine "
-                             "per rank is not built yet); under torchrun use rollout_engine='hf'")
-        from fastppo.rollout.vllm import check_servable
-        check_servable(cfg.policy, cfg.device)  # before any model is loaded
     generator = run.setup(cfg.seed, cfg.device)
-    model = ActorCritic(load_lm(cfg.policy, cfg.device)).to(cfg.device)
-    if cfg.lora_rank:  # the reference is the policy with its adapters off: no second copy
-        add_lora(model.lm, cfg)
-        reference = without_adapters(model)
-    else:
-        reference = LogitsAt(copy.deepcopy(model.lm)).eval().requires_grad_(False)  # SFT weights
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model.lm)
-    reward_model = None
-    if cfg.reward_model:
-        reward_model = load_reward_model(cfg.reward_model, cfg.device)
-        reward_model.eval().requires_grad_(False)
+    model, reference, reward_model, optimizer = build_models(cfg, eos)
     score = make_scorer(cfg, reward_model, reward_fn, tokenizer)
     critic = cfg.advantage_estimator == "gae"  # the others neither run nor train the value head
-    # The rollout engine samples from the live policy; the trainer scores its samples at the
-    # engine's own temperature, so the two cannot disagree. Under torchrun every model is sharded
-    # (FSDP2) and the policy is gathered whole for each rollout (distributed.gathered).
-    if distributed.world() > 1:
-        distributed.shard(model, model.lm)
-        if not cfg.lora_rank:
-            distributed.shard(reference, reference.lm)
-        if reward_model is not None:
-            distributed.shard(reward_model, reward_model.model)
-    # Built on the sharded parameters, before any forward: after one, FSDP2's root holds whole ones.
-    trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA: adapters, value head
-    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, fused=True)  # one pass per step
-    if distributed.world() > 1:
-        with torch.no_grad():  # FSDP2 takes the module of the first forward for its root
-            model(torch.tensor([[eos]], device=cfg.device),
-                  torch.ones(1, 1, dtype=torch.bool, device=cfg.device))
-        model.reshard()
-    rollout = make_rollout(cfg, model, eos=eos, pad=pad, longest=longest)
-    sampling = rollout.sampling  # the trained distribution is the sampled one (temperature, top-k/p)
-    temperature, truncation = sampling.temperature, dict(top_k=sampling.top_k, top_p=sampling.top_p)
-    # Log-probs and the loss straight from hidden states where the LM heads allow (no logits); under
-    # torchrun FSDP2 shards the heads, and the logits path runs.
-    fused = cfg.fused_linear and distributed.world() == 1
-    head = fusable_head(model.lm, fused)
-    heads = (head, head if cfg.lora_rank else fusable_head(reference.lm, fused))
-
-    def write_model(directory, state):
-        save_model(model, tokenizer, directory, state)
-
-    def load_model(directory):
-        if cfg.lora_rank:  # the frozen base is cfg.policy's, loaded above; the adapter is saved
-            adapter = load_adapter(Path(directory) / ADAPTER, model.lm)
-            lm = {k: v.to(cfg.device) for k, v in adapter.items()}
-        else:
-            lm = load_lm(directory, cfg.device).state_dict()
-        state = {f"lm.{k}": v for k, v in lm.items()}
-        state.update({f"value_head.{k}": v.to(cfg.device)
-                      for k, v in value_head_state(directory).items()})
-        distributed.load_full_state_dict(model, state, strict=not cfg.lora_rank)
-
-    kl_coef, start_iteration = cfg.kl_coef, 0
-    if cfg.resume:
-        saved = run.resume(out, load_model, optimizer, generator, model=model, iteration=int,
-                           kl_coef=float)
-        kl_coef, start_iteration = saved["kl_coef"], saved["iteration"]
-    log = MetricsLog(out, resume_step=start_iteration if cfg.resume else None)
-
-    progress = tqdm(range(start_iteration, cfg.iterations), desc="ppo", initial=start_iteration,
-                    total=cfg.iterations, disable=None)
+    # The engine samples from the live policy (or a synced copy); the trainer scores its samples
+    # under the engine's own distribution (temperature, top-k/p), so the two cannot disagree.
+    engine = rollout.make(cfg, model, eos_id=eos, pad_id=pad,
+                          max_model_len=max(len(p) for p in prompts) + cfg.max_new_tokens)
+    sampling = engine.sampling
+    saved, log, progress = run.begin(cfg, model, optimizer, generator, name="ppo",
+                                     total=cfg.iterations, iteration=int, kl_coef=float)
+    kl_coef = saved.get("kl_coef", cfg.kl_coef)
     for iteration in progress:
         memory_at_start = reset_peak_memory(cfg.device)  # peak_memory_mib is per iteration
         t_start = time.perf_counter()
@@ -307,148 +347,54 @@ def train_ppo(cfg: PPOConfig) -> Path:
         k = cfg.samples_per_prompt  # each prompt k times, in consecutive rows (a group)
         pick = torch.randint(len(prompts), (cfg.batch_size // k,), generator=generator)
         pick = pick.repeat_interleave(k).tolist()
-        if cfg.rollout_engine == "vllm":  # the trained weights into vLLM, in place
-            rollout.load_weights(plain_state(model.lm))
+        engine.sync(model)  # the trained weights into the engine (nothing for the built-in one)
         t_sync = time.perf_counter()
         with distributed.gathered(model), precision(cfg.device, cfg.dtype):
-            batch = generate_global(rollout, [prompts[i] for i in pick], iteration, cfg)
+            batch = rollout.collect(engine, [prompts[i] for i in pick], iteration)
         t_generate = time.perf_counter()
         mask = batch.response_mask
 
         # 2. Old log-probs and values, reference log-probs (cached for every epoch), scores.
         epoch_orders = [torch.randperm(cfg.batch_size, generator=generator)
                         for _ in range(cfg.ppo_epochs)]
-        (old_logprobs, plain_logprobs, old_values, ref_logprobs, scores, reward_fn_errors,
-         timings) = rollout_forward(model, reference, score, batch, epoch_orders[0], cfg, sampling,
-                                    heads, critic)
+        batch, scores, reward_fn_errors, timings = rollout_forward(
+            model, reference, score, batch, epoch_orders[0], cfg, sampling, critic)
+        t = batch.per_token
         # A sampled token outside the trainer's kept set (probability 0 to it: the sampler's logits
         # and the trainer's differ by rounding at the boundary, or vLLM broke a tie otherwise) has no
         # finite ratio: out of the loss (loss_mask). It stays in the response (rewards, advantages,
         # the score's place) with no KL penalty: its old log-prob is set to the reference's.
-        outside = mask & (old_logprobs == float("-inf"))
-        old_logprobs = torch.where(outside, ref_logprobs, old_logprobs)
+        outside = mask & (t["old_logprobs"] == float("-inf"))
+        old_logprobs = torch.where(outside, t["ref_logprobs"], t["old_logprobs"])
         loss_mask = mask & ~outside
-        train_batch = dataclasses.replace(batch, response_mask=loss_mask)
 
         # 3. Rewards (the KL penalty in them, or in the loss: kl_in_loss) and advantages.
-        token_rewards = kl_rewards(old_logprobs, ref_logprobs, scores, mask,
+        token_rewards = kl_rewards(old_logprobs, t["ref_logprobs"], scores, mask,
                                    kl_coef=0.0 if cfg.kl_in_loss else kl_coef,
                                    estimator=cfg.kl_estimator)
-        advantages, returns = estimate_advantages(cfg, token_rewards, old_values, mask)
+        advantages, returns = estimate_advantages(cfg, token_rewards, t["old_values"], mask)
+        batch = batch.with_tokens(old_logprobs=old_logprobs, advantages=advantages,
+                                  **({"returns": returns} if critic else {}))
 
-        # 4. PPO epochs over mini-batches. Each rank takes its share of every mini-batch; its loss
-        # is its share of the global mini-batch's mean (share_of_mean: over tokens, or over
-        # responses of their token means), so the gradient FSDP averages is the one-process one.
-        stats, outside_train, first_ratio_error = [], [], None
-        by_tokens = cfg.loss_reduction == "token-mean"
-        for order in epoch_orders:
-            for i in range(0, cfg.batch_size, cfg.mini_batch_size):
-                tokens = loss_mask[order[i:i + cfg.mini_batch_size]].sum().clamp(min=1)
-                responses = loss_mask[order[i:i + cfg.mini_batch_size]].any(-1).sum().clamp(min=1)
-                idx = distributed.my_rows(order[i:i + cfg.mini_batch_size])
-                mb = train_batch.select(idx)
-                # the loss is a sum over my tokens (token-mean), or a mean over my responses
-                mine_of_total = (1.0, tokens) if by_tokens else (
-                    mb.response_mask.any(-1).sum(), responses)
-                options = dict(
-                    clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
-                    entropy_coef=cfg.entropy_coef, temperature=temperature, **truncation,
-                    # the policy moves between mini-batches: a sampled token may leave its kept set
-                    allow_outside_kept=True,
-                    reduction="sum" if by_tokens else "seq-mean-token-mean", tis_cap=cfg.tis_cap,
-                    sampler_logprobs=None if cfg.tis_cap is None else mb.sampler_logprobs)
-                if critic:
-                    options.update(old_values=old_values[idx], returns=returns[idx],
-                                   value_clip=cfg.value_clip, vf_coef=cfg.vf_coef)
-                if cfg.kl_in_loss:
-                    options.update(ref_logprobs=ref_logprobs[idx], kl_coef=kl_coef,
-                                   kl_estimator=cfg.kl_loss_estimator)
-                with precision(cfg.device, cfg.dtype):  # bf16 matmuls; the loss in float32
-                    # logits, or the last hidden states for the fused LM head
-                    states, values = model(mb.input_ids, mb.attention_mask, mb.response_positions,
-                                           hidden_only=head is not None, with_values=critic)
-                    if head is None:
-                        out_loss = ppo_loss(states, mb.responses, old_logprobs[idx],
-                                            advantages[idx], mb.response_mask, values=values,
-                                            **options)
-                    else:  # no logits: hidden states through the LM head's weight, fused
-                        out_loss = linear_ppo_loss(states, head.weight, mb.responses,
-                                                   old_logprobs[idx], advantages[idx],
-                                                   mb.response_mask, bias=head.bias, values=values,
-                                                   **options)
-                loss = distributed.share_of_mean(out_loss.loss * mine_of_total[0], mine_of_total[1])
-                if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
-                    with torch.no_grad(), precision(cfg.device, cfg.dtype):
-                        lp = head_logprobs(states.detach(), head, mb.responses.masked_fill(
-                            ~mb.response_mask, -100), temperature=temperature, **truncation)
-                        ratio = torch.exp(lp - old_logprobs[idx])[mb.response_mask]
-                        first_ratio_error = distributed.max_over_ranks(
-                            (ratio - 1).abs().max().item() if ratio.numel() else 0.0, cfg.device)
-                mine = mb.response_mask.sum()  # the global mini-batch's stats, summed over ranks
-                if out_loss.outside_kept is not None:
-                    outside_train.append(out_loss.outside_kept * mine / tokens)
-                value_loss = out_loss.value_loss if critic else torch.zeros_like(out_loss.loss)
-                share = lambda x: x * mine_of_total[0] / mine_of_total[1]  # noqa: E731  (x / tokens, bit for bit)
-                stats.append(torch.stack([share(out_loss.policy_loss), share(value_loss),
-                                          out_loss.entropy * mine / tokens,
-                                          out_loss.clipfrac * mine / tokens,
-                                          out_loss.approx_kl * mine / tokens]))
-                run.stop_if_not_finite(distributed.summed(loss.detach()) / distributed.world(),
-                                       out, what="PPO loss", at=f"iteration {iteration}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                run.stop_if_not_finite(norm, out, what="PPO gradient norm",
-                                       at=f"iteration {iteration}")
-                optimizer.step()
+        # 4. PPO epochs over mini-batches (the loss on loss_mask's tokens).
+        mean, first_ratio_error = ppo_epochs(
+            model, optimizer, batch.with_tokens(response_mask=loss_mask), epoch_orders, cfg,
+            loss_options(cfg, sampling, kl_coef, critic), critic, at=f"iteration {iteration}")
         t_end = time.perf_counter()
-        stats = torch.stack(stats)
-        distributed.sum_over_ranks(stats)
-        mean = dict(zip(("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl"),
-                        stats.mean(0).tolist()))
-        if outside_train:
-            outside_train = torch.stack(outside_train)
-            distributed.sum_over_ranks(outside_train)
-            mean["outside_kept_train"] = outside_train.mean().item()
 
         # 5. Log; adapt the KL coefficient; checkpoint.
-        lengths = mask.sum(-1).float()
-        kl = ((old_logprobs - ref_logprobs) * mask).sum(-1).mean().item()
-        row = {
-            "step": iteration, "score_mean": scores.mean().item(), "score_std": scores.std().item(),
-            "reward": (token_rewards * mask).sum(-1).mean().item(), "kl": kl, "kl_coef": kl_coef,
-            "entropy": mean["entropy"], "policy_loss": mean["policy_loss"],
-            "logprob_mean": old_logprobs[loss_mask].mean().item() if loss_mask.any() else 0.0,
-            "value_loss": mean["value_loss"], "clipfrac": mean["clipfrac"],
-            "approx_kl": mean["approx_kl"], "first_ratio_max_error": first_ratio_error,
-            "explained_variance": (explained_variance(old_values, returns, mask) if critic
-                                   else float("nan")),
-            "reward_fn_errors": reward_fn_errors,
-            "response_length": lengths.mean().item(),
-            "tokens_per_s": lengths.sum().item() * (1 + cfg.ppo_epochs) / (t_end - t_start),
-            "time_sync": t_sync - t_start, "time_generate": t_generate - t_sync,
-            "time_reference": timings["reference"],
-            "time_score": timings["score"],
-            "time_train": t_end - t_generate - timings["reference"] - timings["score"],
-            # the largest rank's (under torchrun)
-            "peak_memory_mib": distributed.max_over_ranks(peak_memory_mib(cfg.device), cfg.device),
-            "iteration_memory_mib": distributed.max_over_ranks(
-                peak_memory_mib(cfg.device) - memory_at_start, cfg.device),
-            "world_size": distributed.world(),
-            **sampler_gap(old_logprobs, batch.sampler_logprobs, loss_mask),
-            **truncation_metrics(old_logprobs, plain_logprobs, batch.sampler_logprobs, loss_mask,
-                                 outside),
-            "outside_kept_train": mean.get("outside_kept_train", 0.0),
-        }
+        row = metrics_row(cfg, iteration, batch, loss_mask, outside, token_rewards, scores, kl_coef,
+                          critic, mean, first_ratio_error, reward_fn_errors,
+                          (t_start, t_sync, t_generate, t_end, timings), memory_at_start)
         log.write(row)
-        progress.set_postfix(score=f"{row['score_mean']:+.3f}", kl=f"{kl:.3f}",
+        progress.set_postfix(score=f"{row['score_mean']:+.3f}", kl=f"{row['kl']:.3f}",
                              clipfrac=f"{row['clipfrac']:.3f}")
         if cfg.adaptive_kl:
-            error = max(-0.2, min(0.2, kl / cfg.kl_target - 1))
+            error = max(-0.2, min(0.2, row["kl"] / cfg.kl_target - 1))
             kl_coef *= 1 + error / cfg.kl_horizon
         if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
-            run.save(out, write_model, optimizer, generator, model=model,
-                     iteration=iteration + 1, kl_coef=kl_coef)
+            run.save(cfg.out, lambda directory, state: save_model(model, tokenizer, directory, state),
+                     optimizer, generator, model=model, iteration=iteration + 1, kl_coef=kl_coef)
     progress.close()
-    plot(log.path, out / "ppo.png", PLOT_KEYS, "PPO")
-    return out / "checkpoint"
+    plot(log.path, Path(cfg.out) / "ppo.png", PLOT_KEYS, "PPO")
+    return Path(cfg.out) / "checkpoint"

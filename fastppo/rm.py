@@ -8,22 +8,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from fastppo import distributed, run
 from fastppo.config import RMConfig
 from fastppo.data import (encode_prompts, encode_responses, limit_prompts, pack, read_jsonl,
                           special_ids)
-from fastppo.metrics import MetricsLog, plot
-from fastppo.models import (ADAPTER, add_lora, check_fits_context, check_model_dir,
-                            enable_gradient_checkpointing, load_adapter, load_reward_model,
-                            new_reward_model, precision, save_model)
+from fastppo.metrics import plot
+from fastppo.models import new_reward_model, precision, save_model
+from fastppo.prepare import prepare
+from fastppo.preflight import check_fits_context, check_model_dir
 
 
 def _scores(rm, tokenizer, prompts, responses, device):
-    batch = pack(prompts, responses, special_ids(tokenizer)[0]).to(device)
-    return rm(batch.input_ids, batch.attention_mask)
+    return rm(pack(prompts, responses, special_ids(tokenizer)[0]).to(device))
 
 
 @torch.no_grad()
@@ -36,10 +34,9 @@ def pairwise_accuracy(rm, tokenizer, prompts, chosen, rejected, device, batch_si
     return wins / len(prompts)
 
 
-@run.owns_output  # cfg.out: locked for this run, resume/overwrite checked, config.yaml saved
+@run.owns_output  # cfg.out: checked, locked for this run, resume/overwrite handled, config.yaml saved
 def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     """Returns (checkpoint directory, held-out pairwise accuracy)."""
-    cfg.check()
     rows = read_jsonl(cfg.data, "rm")
     check_model_dir(cfg.model, "model")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -53,43 +50,20 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
     generator = run.setup(cfg.seed, cfg.device)
     pad, eos = special_ids(tokenizer)
     # Hugging Face's pooling finds the last token by its id: only a pad token of its own is safe.
-    rm = new_reward_model(cfg.model, pad if pad != eos else None, cfg.device).train()
-    if cfg.lora_rank:  # adapters on the backbone; the new score head trains whole
-        add_lora(rm.model, cfg, keep=("score",))
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(rm.model)
-    if distributed.world() > 1:  # torchrun: FSDP2, each rank takes its share of every batch
-        distributed.shard(rm, rm.model)
+    rm = new_reward_model(cfg.model, pad if pad != eos else None, cfg.device, cfg.dtype).train()
+    optimizer = prepare(rm, cfg, keep=("score",))  # under LoRA the new score head trains whole
     order = torch.randperm(len(rows), generator=generator).tolist()
     n_eval = max(1, int(len(rows) * cfg.eval_fraction))
     held, train = order[:n_eval], order[n_eval:]
     if not train:
         raise ValueError(f"{cfg.data}: too few pairs to hold out {cfg.eval_fraction:.0%} and train")
-    optimizer = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=cfg.lr,
-                                  fused=True)
+    _, log, progress = run.begin(cfg, rm, optimizer, generator, name="rm", total=cfg.steps,
+                                 step=int)
 
-    def write_model(directory, state):
-        save_model(rm, tokenizer, directory, state)
+    def save(step, accuracy):
+        run.save(cfg.out, lambda directory, state: save_model(rm, tokenizer, directory, state),
+                 optimizer, generator, model=rm, step=step, eval_accuracy=accuracy)
 
-    def load_model(directory):
-        saved = load_reward_model(directory).state_dict()
-        if cfg.lora_rank:  # the frozen base is cfg.model's, loaded above: the adapter and score head
-            adapter = load_adapter(Path(directory) / ADAPTER, rm.model)
-            state = {f"model.{k}": v for k, v in adapter.items()}
-            state.update({k: v for k, v in saved.items() if k.startswith("model.score.")})
-            distributed.load_full_state_dict(rm, {k: v.to(cfg.device) for k, v in state.items()},
-                                             strict=False)
-        else:
-            distributed.load_full_state_dict(rm, saved)
-
-    start_step = 0
-    if cfg.resume:
-        start_step = run.resume(cfg.out, load_model, optimizer, generator, model=rm,
-                                step=int)["step"]
-    log = MetricsLog(cfg.out, resume_step=start_step if cfg.resume else None)
-
-    progress = tqdm(range(start_step, cfg.steps), desc="rm", initial=start_step, total=cfg.steps,
-                    disable=None)  # a progress line on a terminal, nothing in logs
     for step in progress:
         start = time.perf_counter()
         pick = [train[i] for i in torch.randint(len(train), (cfg.batch_size,),
@@ -101,20 +75,13 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
                       - _scores(rm, tokenizer, p, [rejected[i] for i in pick], cfg.device))
         # mean over the global batch: each rank's share of the sum (FSDP averages over the ranks)
         loss = distributed.share_of_mean(-F.logsigmoid(margin).sum(), cfg.batch_size)
-        loss_value = distributed.summed(loss.detach()) / distributed.world()
         wins = distributed.summed((margin > 0).sum()).item()
-        run.stop_if_not_finite(loss_value, cfg.out, what="RM loss", at=f"step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.stop_if_not_finite(run.gradient_norm(optimizer), cfg.out, what="RM gradient norm",
-                               at=f"step {step}")
-        optimizer.step()
+        loss_value = run.step(optimizer, loss, cfg.out, what="RM", at=f"step {step}")
         log.write({"step": step, "loss": loss_value.item(), "train_accuracy": wins / cfg.batch_size,
                    "pairs_per_s": cfg.batch_size / (time.perf_counter() - start)})
         progress.set_postfix(loss=f"{loss_value.item():.3f}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            run.save(cfg.out, write_model, optimizer, generator, model=rm, step=step + 1,
-                     eval_accuracy=None)
+            save(step + 1, None)
     progress.close()
     rm.eval()
     with precision(cfg.device, cfg.dtype):
@@ -122,8 +89,7 @@ def train_rm(cfg: RMConfig) -> tuple[Path, float]:
                                      [chosen[i] for i in held], [rejected[i] for i in held],
                                      cfg.device)
     log.write({"step": cfg.steps, "eval_accuracy": accuracy})
-    run.save(cfg.out, write_model, optimizer, generator, model=rm, step=cfg.steps,
-             eval_accuracy=accuracy)
+    save(cfg.steps, accuracy)
     plot(log.path, Path(cfg.out) / "rm.png", ["loss", "train_accuracy", "eval_accuracy"],
          "reward model")
     return Path(cfg.out) / "checkpoint", accuracy

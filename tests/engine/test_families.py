@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from conftest import DEVICE
 from families import CHATML, FAMILIES, build, check_tokenizer, data
-from fastppo.data import encode_prompts, pack_prompts
+from fastppo.data import Batch, encode_prompts, pack_prompts
 from fastppo.models import load_reward_model
 from fastppo.pipeline import PipelineConfig, run_pipeline
 
@@ -58,7 +58,7 @@ def check_run(out: Path, model: Path) -> None:
         # scores an unpadded sequence at its last token, the EOS, as fastppo does.
         assert model.config.num_labels == 1 and model.config.pad_token_id is None
         with torch.no_grad():
-            torch.testing.assert_close(load_reward_model(checkpoint)(ids, torch.ones_like(ids)),
+            torch.testing.assert_close(load_reward_model(checkpoint)(Batch.sequences(ids)),
                                        model(ids).logits[:, 0], rtol=1e-5, atol=1e-5)
     rows = [json.loads(line) for line in
             (out / "run" / "ppo" / "metrics.jsonl").read_text().splitlines() if line]

@@ -13,8 +13,9 @@ from engine_testing import TIMING, ppo_config
 from fastppo import ppo
 from fastppo.checkpoint import load_state
 from fastppo.config import RMConfig, SFTConfig
-from fastppo.models import (ADAPTER, ActorCritic, adapters_off, add_lora, eval_mode, load_reward_model,
-                            save_model, tiny_llama)
+from fastppo.data import Batch
+from fastppo.lora import ADAPTER, adapters_off, add_lora
+from fastppo.models import ActorCritic, eval_mode, load_reward_model, save_model, tiny_llama
 from fastppo.rm import train_rm
 from fastppo.sft import train_sft
 
@@ -48,23 +49,23 @@ def test_adapters_off_is_the_base_model_and_the_merged_save_is_the_adapted_one(t
     model = eval_mode(ActorCritic(lm))
     ids = torch.randint(4, 60, (2, 7))
     mask = torch.ones_like(ids, dtype=torch.bool)
-    adapted, _ = model(ids, mask)
+    adapted, _ = model(Batch.sequences(ids, mask))  # positions 0 .. L-2
     with adapters_off(model.lm):
-        reference, _ = model(ids, mask)
-    want = base.eval()(ids, attention_mask=mask).logits
+        reference, _ = model(Batch.sequences(ids, mask))
+    want = base.eval()(ids, attention_mask=mask).logits[:, :-1]
     assert torch.equal(reference, want)
     assert not torch.allclose(adapted, want, atol=1e-3)
-    adapted, _ = model(ids, mask)  # the adapters are back on after the block
+    adapted, _ = model(Batch.sequences(ids, mask))  # the adapters are back on after the block
     save_model(model, NoTokenizer(), tmp_path)
     merged, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info
     assert [f.name for f in tmp_path.glob("*.safetensors")] == ["model.safetensors"]
-    torch.testing.assert_close(merged.eval()(ids, attention_mask=mask).logits, adapted,
+    torch.testing.assert_close(merged.eval()(ids, attention_mask=mask).logits[:, :-1], adapted,
                                rtol=1e-5, atol=1e-5)
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(base, tmp_path / ADAPTER).eval()
-    assert torch.equal(peft_model(ids, attention_mask=mask).logits, adapted)
+    assert torch.equal(peft_model(ids, attention_mask=mask).logits[:, :-1], adapted)
 
 
 def test_lora_ppo_trains_adapters_against_the_adapter_free_reference(small_run, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from engine_testing import TIMING, ppo_config
 from fastppo import ppo
 from fastppo.config import RMConfig, SFTConfig
+from fastppo.data import Batch
 from fastppo.models import (ActorCritic, enable_gradient_checkpointing, eval_mode, precision,
                             tiny_llama)
 from fastppo.rm import train_rm
@@ -28,11 +29,11 @@ def test_bf16_runs_the_matmuls_in_bf16_and_the_heads_in_float32():
     ids = torch.randint(4, 40, (2, 9))
     mask = torch.ones_like(ids, dtype=torch.bool)
     with precision("cpu", "bfloat16"):
-        logits, values = model(ids, mask)
+        logits, values = model(Batch.sequences(ids, mask))
     assert logits.dtype == torch.bfloat16 and values.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights
     with precision("cpu", "float32"):
-        logits32, values32 = model(ids, mask)
+        logits32, values32 = model(Batch.sequences(ids, mask))
     assert logits32.dtype == torch.float32
     assert not torch.equal(logits.float(), logits32)  # bf16 did change the numbers...
     torch.testing.assert_close(logits.float(), logits32, atol=0.05, rtol=0.05)  # ...by rounding
@@ -69,7 +70,8 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
         eval_mode(model)  # as the PPO loop runs it: dropout off, checkpointing still on
         counted = one_layer_calls(model)
         ids = torch.randint(4, 40, (3, 11))
-        logits, values = model(ids, torch.ones_like(ids, dtype=torch.bool), slice(4, None))
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        logits, values = model(Batch(ids, mask, mask[:, 5:], 5))  # positions 4 .. 9
         (logits.logsumexp(-1).mean() + values.square().mean()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         calls.append(len(counted))

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from conftest import DEVICE
 from families import FAMILIES, build, build_config, build_tokenizer, data
 from fastppo.config import PPOConfig
-from fastppo.data import encode_prompts, encode_responses, pack, read_jsonl, special_ids
-from fastppo.models import HEAD_FILE, VALUE_HEAD, check_reward_model_dir, load_reward_model
+from fastppo.data import Batch, encode_prompts, encode_responses, pack, read_jsonl, special_ids
+from fastppo.models import HEAD_FILE, VALUE_HEAD, load_reward_model
+from fastppo.preflight import check_reward_model_dir
 from fastppo.ppo import train_ppo
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -51,11 +52,10 @@ def test_rm_checkpoint_scores_as_hugging_face_does(small_run):
     ids, mask = right_padded([p + r for p, r in zip(prompts, responses)], pad)
     expected = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
     assert expected.std() > 0
-    torch.testing.assert_close(ours(ids, mask.bool()), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(Batch.sequences(ids, mask)), expected, rtol=1e-5, atol=1e-5)
     # fastppo's own layout (left-padded prompts, right-padded responses) scores the same
     batch = pack(prompts, responses, pad)
-    torch.testing.assert_close(ours(batch.input_ids, batch.attention_mask), expected,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(batch), expected, rtol=1e-5, atol=1e-5)
 
 
 def hub_reward_model(family, directory, seed=0):
@@ -87,8 +87,7 @@ def test_hub_reward_model_scores_as_hugging_face_does(tmp_path, family):
                           for p, r in zip(prompts, responses)])
     assert expected.std() > 0
     batch = pack(prompts, responses, special_ids(tokenizer)[0])
-    torch.testing.assert_close(ours(batch.input_ids, batch.attention_mask), expected,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(batch), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_ppo_trains_against_a_hub_reward_model(tmp_path):
@@ -125,7 +124,7 @@ def test_older_fastppo_reward_model_still_loads(small_run, tmp_path):
     last = batch.attention_mask.shape[1] - 1 - batch.attention_mask.flip(-1).long().argmax(-1)
     hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=position_ids).last_hidden_state[torch.arange(len(last)), last]
-    torch.testing.assert_close(ours(batch.input_ids, batch.attention_mask),
+    torch.testing.assert_close(ours(batch),
                                hidden @ head.weight[0] + head.bias[0], rtol=1e-5, atol=1e-5)
 
 

@@ -29,8 +29,7 @@ def test_sampler_draws_from_the_distribution_the_trainer_scores():
     counts = torch.bincount(batch.responses[:, 0], minlength=V).double()
 
     with torch.no_grad():
-        logits, _ = ActorCritic(lm)(batch.input_ids[:1], batch.attention_mask[:1],
-                                    batch.response_positions)
+        logits, _ = ActorCritic(lm)(batch.select(slice(0, 1)))
         every_label = torch.arange(V)
         p_T = token_logprobs(logits[0, :1].expand(V, V), every_label, temperature=T).exp().double()
         p_1 = token_logprobs(logits[0, :1].expand(V, V), every_label, temperature=1.0).exp().double()

@@ -14,7 +14,8 @@ import torch
 from fastppo.data import special_ids, write_jsonl
 from fastppo.demo import sentiment as task
 from fastppo.kernels import token_logprobs
-from fastppo.models import (lm_logits, load_lm, new_reward_model, plain_state, save_model,
+from fastppo.lora import plain_state
+from fastppo.models import (lm_logits, load_lm, new_reward_model, save_model,
                             tiny_llama)
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import filter_logits

@@ -157,8 +157,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_run, tmp
                 return replace(result, loss=result.loss * float("nan"))
             return result
         return poisoned
-    for name in ("ppo_loss", "linear_ppo_loss"):  # the logits path, or the fused LM head's
-        monkeypatch.setattr(ppo, name, poison(getattr(ppo, name)))
+    from fastppo.heads import TokenHead
+
+    monkeypatch.setattr(TokenHead, "ppo_loss", poison(TokenHead.ppo_loss))  # either LM head path
     with pytest.raises(RuntimeError, match="PPO loss is not finite at iteration 2"):
         ppo.train_ppo(ppo_config(out, tmp_path / "nan"))
     state = load_state(tmp_path / "nan" / "checkpoint")
@@ -196,15 +197,15 @@ def assert_last_good_checkpoint(directory, step):
 def test_non_finite_gradient_stops_before_the_step(small_run, tmp_path, monkeypatch):
     # A finite loss whose gradient is NaN at step 2: the run stops before the optimizer step, so no
     # NaN weight is ever written (before: step 2 wrote NaN weights into the checkpoint of step 3).
-    from fastppo import sft
+    from fastppo.heads import TokenHead
 
-    calls, real = {"n": 0}, sft.head_logprobs
+    calls, real = {"n": 0}, TokenHead.logprobs
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         lp = real(*args, **kwargs)
         return NaNGradient.apply(lp) if calls["n"] == 3 else lp
-    monkeypatch.setattr(sft, "head_logprobs", poisoned)
+    monkeypatch.setattr(TokenHead, "logprobs", poisoned)
     with pytest.raises(RuntimeError, match="SFT gradient norm is not finite at step 2"):
         sft_run(small_run, tmp_path / "run")
     assert_last_good_checkpoint(tmp_path / "run" / "checkpoint", 2)

@@ -46,4 +46,10 @@ def test_top_k_top_p_run_trains_what_it_samples(small_run, tmp_path):
         assert row["sampler_gap_mean_untruncated"] > 1e-3, row
         assert row["outside_kept_rollout"] == 0 and 0.0 <= row["outside_kept_train"] < 0.5
         assert row["entropy"] > 0.0 and row["logprob_mean"] < 0.0
+        # kl is taken from the truncated policy to the full reference: the truncation's part
+        # (-log of the kept mass per token) and the untruncated policy's KL add up to it
+        assert row["kl"] == pytest.approx(row["kl_truncation"] + row["kl_untruncated"], abs=1e-5)
+        assert row["kl_truncation"] > 0.05, row
+    # before any update the policy is the reference: all of the first kl is the truncation's
+    assert rows[0]["kl_untruncated"] == 0.0 and rows[0]["kl"] == rows[0]["kl_truncation"] > 0
     assert rows[-1]["approx_kl"] > 0  # it trained

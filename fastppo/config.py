@@ -12,9 +12,13 @@ from __future__ import annotations
 import functools
 import math
 import re
+import types
 import typing
 from dataclasses import KW_ONLY, dataclass, field, fields
+from pathlib import Path
 from typing import ClassVar, Literal
+
+import yaml
 
 from fastppo.rollout import ENGINES
 from fastppo.rollout.vllm import VLLMOptions
@@ -29,9 +33,26 @@ RolloutEngine = Literal[tuple(ENGINES)]  # the rollout registry's names: "hf", "
 REWARD_FN_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+# The largest count, size or length a config may hold (steps, batch_size, max_new_tokens, top_k,
+# ...): far past any real run. Past it a value overflows torch's int64 sizes, or asks for an absurd
+# allocation, failing far from the field with an error that names none.
+INT_MAX = 2 ** 31 - 1
+INT_MAX_TEXT = "2**31 - 1"
+# The seeds torch takes (torch.manual_seed; a negative seed is taken modulo 2**64).
+TORCH_SEEDS = (-2 ** 63, 2 ** 64 - 1)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _shown(value) -> str:
+    """`value` for an error message: a huge integer by its number of digits."""
+    if not isinstance(value, int) or abs(value) < 10 ** 40:
+        return str(value)
+    digits = len(str(abs(value))) if value.bit_length() < 10_000 else int(math.log10(abs(value))) + 1
+    return f"a {digits}-digit number"
 
 
 def _in(cfg, name: str, low: float, high: float = math.inf, *, low_open: bool = False,
@@ -39,7 +60,8 @@ def _in(cfg, name: str, low: float, high: float = math.inf, *, low_open: bool = 
     """cfg.<name> is a finite number in the range, else a ValueError naming the field: "top_p must be
     in (0, 1]; got 0", "lr must be > 0; got nan"."""
     value = getattr(cfg, name)
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
+    finite = isinstance(value, int) or math.isfinite(value)  # (an int past a float overflows it)
+    ok = finite and (value > low if low_open else value >= low) and (
         value < high if high_open else value <= high)
     if math.isinf(high) and math.isinf(low):
         bound = "a finite number"
@@ -47,7 +69,158 @@ def _in(cfg, name: str, low: float, high: float = math.inf, *, low_open: bool = 
         bound = f"{'>' if low_open else '>='} {low:g}"
     else:
         bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    _require(ok, f"{name} must be {bound}; got {value}")
+    _require(ok, f"{name} must be {bound}; got {_shown(value)}")
+
+
+@functools.cache
+def _integers(cls: type) -> tuple[str, ...]:
+    """The int-typed fields of a dataclass (int, or int | None; not bool)."""
+    hints = typing.get_type_hints(cls)
+    return tuple(f.name for f in fields(cls) if hints[f.name] is int or (
+        typing.get_origin(hints[f.name]) in (typing.Union, types.UnionType)
+        and int in typing.get_args(hints[f.name])))
+
+
+def check_integers(cfg) -> None:
+    """Every int field of the dataclass `cfg` is at most INT_MAX, and its seed (if it has one) in
+    cfg.SEEDS, else a ValueError naming the field: "seed must be in [-2**63, 2**64 - 1]; got ...".
+    Runs before the fields' own checks, which compare them with floats."""
+    for name in _integers(type(cfg)):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if name == "seed":
+            (low, high) = getattr(cfg, "SEEDS", TORCH_SEEDS)
+            why = getattr(cfg, "SEEDS_WHY", "")
+            _require(low <= value <= high, f"seed must be in [{_power(low)}, {_power(high)}]"
+                     f"{why}; got {_shown(value)}")
+        else:
+            _require(value <= INT_MAX, f"{name} must be <= {INT_MAX_TEXT}; got {_shown(value)}")
+
+
+def _power(bound: int) -> str:
+    """-2**63, 2**64 - 1, 2**63 - 1: a seed bound as written."""
+    for text, value in (("-2**63", -2 ** 63), ("2**64 - 1", 2 ** 64 - 1), ("2**63 - 1", 2 ** 63 - 1)):
+        if bound == value:
+            return text
+    return str(bound)
+
+
+def check_paths(cfg, *names: str) -> None:
+    """Each of the path fields `names` of `cfg` (None or "" aside) can be resolved, else a ValueError
+    naming the field and the path: a loop of symbolic links, a name with a NUL byte, a directory
+    that may not be searched. (Whether the file is there and readable is the reader's check.)"""
+    for name in names:
+        value = getattr(cfg, name)
+        if not value:
+            continue
+        _require(isinstance(value, str), f"{name} must be a path; got {value!r}")
+        try:
+            Path(value).resolve()
+        except RuntimeError:  # pathlib's "Symlink loop" (ELOOP)
+            raise ValueError(f"{name} {value}: a loop of symbolic links") from None
+        except OSError as e:
+            raise ValueError(f"{name} {value}: {e.strerror or e}") from None
+        except ValueError as e:  # "embedded null byte"
+            raise ValueError(f"{name} {value!r}: not a valid path ({e})") from None
+
+
+# What a YAML config (a --config file, a config.yaml) may hold. A document with every alias
+# expanded: aliases make a few hundred bytes expand to billions of nodes ("billion laughs"), which
+# jsonargparse (and any reader of the result) walks, copies and prints in full.
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_BYTES_TEXT = "1 MiB"
+YAML_MAX_NODES = 100_000
+YAML_MAX_DEPTH = 100
+
+
+class YAMLRefused(yaml.YAMLError):
+    """A YAML document refused before it is built: it expands past YAML_MAX_NODES nodes (aliases
+    counted as what they stand for; a recursive alias is infinite) or nests past YAML_MAX_DEPTH."""
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def check_yaml_node(root) -> None:
+    """The composed YAML document `root` (aliases are shared nodes) expands to at most
+    YAML_MAX_NODES nodes, at most YAML_MAX_DEPTH deep, else a YAMLRefused. Counted without expanding
+    anything: each node's expanded size once, iteratively (no recursion on a deep document)."""
+    size: dict[int, int] = {}  # id(node) -> its expanded size
+    open_ = set()  # the nodes whose size is being counted: the current node's ancestors
+    stack = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        key = id(node)
+        if done:
+            open_.discard(key)
+            size[key] = 1 + sum(size[id(child)] for child in _children(node))
+            if size[key] > YAML_MAX_NODES:
+                raise YAMLRefused(f"the YAML document expands to more than {YAML_MAX_NODES} nodes "
+                                  "(its aliases counted as what they stand for)")
+            continue
+        if key in size:
+            continue
+        if key in open_:  # an alias of its own ancestor: it stands for an infinite document
+            raise YAMLRefused(f"the YAML document expands to more than {YAML_MAX_NODES} nodes (a "
+                              "recursive alias)")
+        if depth > YAML_MAX_DEPTH:
+            raise YAMLRefused(f"the YAML document is nested more than {YAML_MAX_DEPTH} levels deep")
+        open_.add(key)
+        stack.append((node, depth, True))
+        stack.extend((child, depth + 1, False) for child in _children(node) if id(child) not in size)
+
+
+def limited_loader(base: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)) -> type:
+    """The safe PyYAML loader class `base` (no tag runs code), refusing a document that expands past
+    YAML_MAX_NODES nodes or nests past YAML_MAX_DEPTH (check_yaml_node) before building it."""
+    class Limited(base):
+        def get_single_node(self):
+            node = super().get_single_node()
+            if node is not None:
+                check_yaml_node(node)
+            return node
+    Limited.__name__ = Limited.__qualname__ = f"Limited{base.__name__}"
+    return Limited
+
+
+_LIMITED_SAFE_LOADER = limited_loader()
+
+
+def load_yaml(text: str, what: str):
+    """yaml.safe_load(text) within the limits above (size, aliases, depth), else a ValueError that
+    names `what` (the file): "config.yaml: the YAML document expands to more than ... nodes"."""
+    if len(text) > YAML_MAX_BYTES:
+        raise ValueError(f"{what}: larger than {YAML_MAX_BYTES_TEXT}; not a config")
+    try:
+        return yaml.load(text, Loader=_LIMITED_SAFE_LOADER)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what}: not valid YAML ({' '.join(str(e).split())})") from None
+
+
+def read_config_text(path, what: str = "config") -> str:
+    """The text of the YAML config file `path`, read no further than YAML_MAX_BYTES: a ValueError
+    naming the file if it is not a regular file, larger, unreadable or not UTF-8."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(YAML_MAX_BYTES + 1)
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path}: a directory, not a file") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path}: not readable ({e.strerror or e})") from None
+    if len(data) > YAML_MAX_BYTES:
+        raise ValueError(f"{what} {path}: larger than {YAML_MAX_BYTES_TEXT}; not a config")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path}: not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                         f"{e.start})") from None
 
 
 @functools.cache
@@ -71,6 +244,8 @@ def check_choices(cfg) -> None:
 class RunOptions:
     """Where a run writes and computes, and its seed: every trainer's config has these fields, and
     the pipeline's, which hands seed, device, dtype and gradient_checkpointing to each stage."""
+    # The seeds a run takes (check_integers refuses the others, naming the field).
+    SEEDS: ClassVar[tuple[int, int]] = TORCH_SEEDS
     out: str
     """Output folder: the run's config.yaml, checkpoint, metrics.jsonl and plot; the pipeline puts
     one such folder per stage in it (out/sft, out/rm, out/ppo)."""
@@ -136,9 +311,12 @@ class ModelOptions:
     layer of the decoder, the LM head excepted."""
 
 
-def _check_trainer(cfg, *counts: str) -> None:
-    """What every trainer's check() starts with: the Literal fields' choices, `counts` (and
+def _check_trainer(cfg, *paths: str, counts: tuple[str, ...] = ()) -> None:
+    """What every trainer's check() starts with: every int field within its range (check_integers),
+    the path fields `paths` (and out) resolvable, the Literal fields' choices, `counts` (and
     batch_size, save_every) >= 1, the options of TrainerOptions and ModelOptions."""
+    check_integers(cfg)
+    check_paths(cfg, *paths, "out")
     check_choices(cfg)
     for name in (*counts, "batch_size", "save_every"):
         _in(cfg, name, 1)
@@ -168,7 +346,7 @@ class SFTConfig(TrainerOptions, ModelOptions):
     lr: float = 3e-3
 
     def check(self) -> "SFTConfig":
-        _check_trainer(self, "steps")
+        _check_trainer(self, "data", "model", counts=("steps",))
         return self
 
 
@@ -188,7 +366,7 @@ class RMConfig(TrainerOptions, ModelOptions):
     out: str = "runs/rm"
 
     def check(self) -> "RMConfig":
-        _check_trainer(self, "steps")
+        _check_trainer(self, "data", "model", counts=("steps",))
         _in(self, "eval_fraction", 0, 1, low_open=True, high_open=True)
         return self
 
@@ -196,6 +374,9 @@ class RMConfig(TrainerOptions, ModelOptions):
 @dataclass
 class PPOConfig(TrainerOptions, ModelOptions, VLLMOptions):
     GLOBAL_SIZES: ClassVar[tuple[str, ...]] = ("batch_size", "mini_batch_size")
+    SEEDS: ClassVar[tuple[int, int]] = (-2 ** 63, 2 ** 63 - 1)
+    SEEDS_WHY: ClassVar[str] = (" (PPO keys its sampling by the seed as a signed 64-bit integer: "
+                                "fastppo.rollout.uniforms)")
 
     prompts: str
     """JSONL file of {"prompt"} rows."""
@@ -290,8 +471,8 @@ class PPOConfig(TrainerOptions, ModelOptions, VLLMOptions):
     save_every: int = 10
 
     def check(self) -> "PPOConfig":
-        _check_trainer(self, "iterations", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                       "kl_horizon")
+        _check_trainer(self, "prompts", "policy", "reward_model", counts=(
+            "iterations", "mini_batch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"))
         self.check_vllm_options()
         _require(self.mini_batch_size <= self.batch_size,
                  f"mini_batch_size ({self.mini_batch_size}) must not exceed batch_size "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +22,19 @@ def read_jsonl(path, kind: str) -> list[dict]:
     """Rows of a JSONL file, each an object with the string fields of `kind`; a malformed line is a
     ValueError naming the file and the line."""
     fields = FIELDS[kind]
-    rows = []
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{kind} data file {path} is a directory, not a file")
     if not path.is_file():
         raise ValueError(f"{kind} data file {path} does not exist")
+    try:
+        return _read_rows(path, kind, fields)
+    except OSError as e:  # permission denied, an I/O error
+        raise ValueError(f"{kind} data file {path} is not readable ({e.strerror or e})") from None
+
+
+def _read_rows(path: Path, kind: str, fields: tuple[str, ...]) -> list[dict]:
+    rows = []
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, 1):
             try:
@@ -38,12 +48,23 @@ def read_jsonl(path, kind: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            except RecursionError:  # the decoder recurses once per level of nesting
+                raise ValueError(f"{path}:{number}: not valid JSON (nested more than "
+                                 f"{sys.getrecursionlimit()} levels deep)") from None
+            except ValueError as e:  # an integer of more than 4300 digits
+                raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object with {fields}")
             for field in fields:
                 if not isinstance(row.get(field), str):
                     raise ValueError(f"{path}:{number}: field {field!r} must be a string "
                                      f"(a {kind} row has {', '.join(fields)})")
+                try:  # a "\\ud800" escape decodes to a lone surrogate, which no tokenizer encodes
+                    row[field].encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{path}:{number}: field {field!r} is not Unicode text (an "
+                                     f"unpaired surrogate \\u{ord(row[field][e.start]):04x} at "
+                                     f"character {e.start + 1})") from None
             rows.append(row)
     if not rows:
         raise ValueError(f"{kind} data file {path} has no rows")

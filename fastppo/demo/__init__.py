@@ -15,12 +15,12 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from transformers import AutoTokenizer
 
-from fastppo.config import PPOConfig, SFTConfig, check_choices
+from fastppo.config import PPOConfig, SFTConfig, check_choices, check_integers
 from fastppo.data import encode_prompts, special_ids, write_jsonl
 from fastppo.demo import arithmetic, sentiment
 from fastppo.kernels import token_logprobs
@@ -38,6 +38,9 @@ Task = Literal[tuple(DEFAULTS)]  # "sentiment", "arithmetic"
 
 @dataclass
 class DemoConfig:
+    SEEDS: ClassVar[tuple[int, int]] = PPOConfig.SEEDS  # the seed of every stage, PPO's included
+    SEEDS_WHY: ClassVar[str] = PPOConfig.SEEDS_WHY
+
     out: str = "runs/demo"
     """Output folder (the base model, the data, one folder per stage, summary.json)."""
     seed: int = 0
@@ -54,6 +57,7 @@ class DemoConfig:
 
     def check(self) -> "DemoConfig":
         check_choices(self)
+        check_integers(self)
         for name, default in zip(("sft_steps", "rm_steps", "ppo_iterations"), DEFAULTS[self.task]):
             if getattr(self, name) is None:
                 setattr(self, name, default)

@@ -174,14 +174,16 @@ def test_a_deeply_nested_data_line_on_the_command_line(base, capsys):
     (["ppo", "--max_new_tokens", str(2 ** 64)], "max_new_tokens must be <= 2**31 - 1"),
     (["ppo", "--iterations", str(2 ** 64)], "iterations must be <= 2**31 - 1"),
     (["pipeline", "--sft_steps", str(2 ** 64)], "steps must be <= 2**31 - 1"),
+    (["demo", "--seed", "99999999999999999999"], "seed must be in [-2**63, 2**63 - 1] (PPO keys"),
 ], ids=["seed 2**66", "seed -2**63-1", "ppo seed 2**63", "steps 10**400", "batch_size 2**63",
         "lora_rank 2**40", "top_k 2**63", "max_new_tokens 2**64", "iterations 2**64",
-        "pipeline sft_steps 2**64"])
+        "pipeline sft_steps 2**64", "demo seed 2**66"])
 def test_an_integer_past_its_range_names_the_field(base, capsys, args, message):
     tmp, model = base
     inputs = {"sft": ["--data", "d", "--model", "m"], "rm": ["--data", "d", "--model", "m"],
               "ppo": ["--prompts", "p", "--policy", "x", "--reward_model", "y"],
-              "pipeline": ["--model", "m", "--sft_data", "d", "--rm_data", "d", "--prompts", "p"]}
+              "pipeline": ["--model", "m", "--sft_data", "d", "--rm_data", "d", "--prompts", "p"],
+              "demo": []}
     err = refused(capsys, args[0], *inputs[args[0]], *args[1:], "--out", tmp / "run-int")
     assert message in err
 

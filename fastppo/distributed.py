@@ -250,7 +250,7 @@ def load_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, direct
             dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(directory)),
                      no_dist=world() == 1)
     except (CheckpointException, RuntimeError, KeyError, AssertionError) as e:
-        raise ValueError(f"{directory}: the sharded checkpoint does not fit this model "
+        raise ValueError(f"checkpoint {directory}: the sharded checkpoint does not fit this model "
                          f"({str(e).strip().splitlines()[-1][:300]})") from None
     model_state = {name: flat[f"model/{name}"] for name in model_state}
     optimizer_state = {

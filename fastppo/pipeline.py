@@ -6,7 +6,7 @@ from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
 
 from fastppo import distributed
-from fastppo.config import PPOConfig, RMConfig, RunOptions, SFTConfig
+from fastppo.config import PPOConfig, RMConfig, RunOptions, SFTConfig, check_fields
 from fastppo.data import read_jsonl
 from fastppo.preflight import check_model_dir
 from fastppo.run import check_config, check_start
@@ -41,6 +41,11 @@ class PipelineConfig(RunOptions):
     _: KW_ONLY
     out: str = "runs/pipeline"
 
+    def check(self) -> "PipelineConfig":
+        """The pipeline's own fields (the stages' are checked by _stage)."""
+        check_fields(self)
+        return self
+
 
 def _stage(cls, overrides: dict, stage: str, **wired):
     """The stage's config, checked (fastppo.run.check_config): what the pipeline wires, plus the
@@ -53,7 +58,7 @@ def _stage(cls, overrides: dict, stage: str, **wired):
     try:
         cfg = cls(**wired, **overrides)
         check_config(cfg)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # "sft: lr must be > 0; got -1"
         raise ValueError(f"{stage}: {e}") from None
     return cfg
 
@@ -61,7 +66,7 @@ def _stage(cls, overrides: dict, stage: str, **wired):
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """SFT -> RM -> PPO. All three stages are checked before any work starts (and not again when
     each starts)."""
-    out = Path(cfg.out)
+    out = Path(cfg.check().out)
     common = dict(seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
                   gradient_checkpointing=cfg.gradient_checkpointing)
     sft_checkpoint, rm_checkpoint = out / "sft" / "checkpoint", out / "rm" / "checkpoint"

@@ -290,14 +290,14 @@ def resume(out, load_model: Callable[[Path], None], optimizer: torch.optim.Optim
     """Continue the run in `out` (for --resume): restore the optimizer, load the weights
     (load_model(checkpoint directory)), then restore every RNG. Returns the saved `counters`
     (name=type: step=int, kl_coef=float), each checked. The state is read and checked (its files'
-    sizes and headers, counters, RNG states, the optimizer's groups) before the weights or any RNG
+    sizes and headers (their SHA-256 too, in check_start), counters, RNG states, the optimizer's groups) before the weights or any RNG
     change, so a refused checkpoint leaves the run as it was. Whatever fails while reading it is one
     line naming the checkpoint (fastppo.checkpoint.checkpoint_io)."""
     found = latest(Path(out) / "checkpoint")
     if found is None:
         raise ValueError(f"resume: no checkpoint in {Path(out) / 'checkpoint'}")
     with checkpoint_io(found, "read"):
-        verify(found)
+        verify(found, contents=False)  # (check_start, run before every trainer, hashed its files)
         state = load_state(state_dir(found))
         values = _check_state(state, found, optimizer, counters)
         shards = state_dir(found) / SHARDS  # written under torchrun: model and optimizer, by rank

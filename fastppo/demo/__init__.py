@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 import torch
 from transformers import AutoTokenizer
 
-from fastppo.config import PPOConfig, SFTConfig, check_choices, check_integers
+from fastppo.config import PPOConfig, SFTConfig, check_choices, check_fields
 from fastppo.data import encode_prompts, special_ids, write_jsonl
 from fastppo.demo import arithmetic, sentiment
 from fastppo.kernels import token_logprobs
@@ -57,7 +57,7 @@ class DemoConfig:
 
     def check(self) -> "DemoConfig":
         check_choices(self)
-        check_integers(self)
+        check_fields(self)
         for name, default in zip(("sft_steps", "rm_steps", "ppo_iterations"), DEFAULTS[self.task]):
             if getattr(self, name) is None:
                 setattr(self, name, default)

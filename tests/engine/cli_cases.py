@@ -4,7 +4,9 @@
     python cli_cases.py CASES.json   ->   prints one JSON list of {"code", "stderr"}
 
 Each case's stderr is what reached file descriptor 2 while it ran (Python, logging handlers and C
-code alike); every warning is shown each time, as it would be in a process of its own.
+code alike); every warning is shown each time, as it would be in a process of its own. `run` can
+also be called from a test in pytest's process: `sys.stderr` is pointed at file descriptor 2 while
+it runs, since pytest's capture gives Python its own stream.
 """
 import json
 import os
@@ -19,8 +21,9 @@ from fastppo.cli import main
 def run(argv: list[str]) -> dict:
     sys.stderr.flush()
     with tempfile.TemporaryFile() as captured:
-        saved = os.dup(2)
+        saved, saved_stream = os.dup(2), sys.stderr
         os.dup2(captured.fileno(), 2)
+        sys.stderr = stream = open(2, "w", closefd=False, errors="backslashreplace")
         try:
             try:
                 code = main(argv)
@@ -31,6 +34,8 @@ def run(argv: list[str]) -> dict:
                 code = 1
             sys.stderr.flush()
         finally:
+            stream.close()
+            sys.stderr = saved_stream
             os.dup2(saved, 2)
             os.close(saved)
         captured.seek(0)

@@ -186,13 +186,27 @@ def test_resume_changes_nothing_when_the_state_is_refused(tmp_path, case):
 # ------------------------------------------------------------- damaged checkpoints, through the CLI
 
 def same_size(path, text: str) -> None:
-    """Write `text` into `path`, padded to the file's size (so that the damage is found by parsing
-    the file, not by its size), or cut to it."""
+    """Write `text` into `path`, padded to the file's size, or cut to it, and drop its SHA-256 from
+    its checkpoint's manifest (as a manifest written before fastppo recorded them): so that the
+    damage is found by parsing the file, not by its size or digest."""
     size = path.stat().st_size
     raw = text.encode()
     pad = b" " if path.suffix == ".json" else b"\n#"
     raw = raw + pad
     path.write_bytes(raw + pad[-1:] * (size - len(raw)) if len(raw) <= size else raw[:size])
+    for root in path.parents:
+        manifest = root / checkpoint.MANIFEST
+        if manifest.exists():
+            body = json.loads(manifest.read_text())
+            body["sha256"].pop(path.relative_to(root).as_posix())
+            manifest.write_text(json.dumps(body))
+            return
+
+
+def flip_a_bit(path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10  # in the last tensor's data: the file still parses
+    path.write_bytes(bytes(raw))
 
 
 def rewrite_json(path, change) -> None:
@@ -232,6 +246,10 @@ DAMAGE = [  # (case, trainer, tamper(checkpoint folder), what stderr names)
     ("model header of 8 EB", "sft", lambda c: header_of_8_eb(c / "model.safetensors"),
      "model.safetensors"),
     ("model missing", "sft", lambda c: (c / "model.safetensors").unlink(), "model.safetensors"),
+    ("model weights a bit flipped", "sft", lambda c: flip_a_bit(c / "model.safetensors"),
+     "model.safetensors: its contents changed"),
+    ("trainer state a bit flipped", "sft", lambda c: flip_a_bit(c / TRAINER / STATE_TENSORS),
+     f"{STATE_TENSORS}: its contents changed"),
     ("model config not JSON", "sft", lambda c: same_size(c / "config.json", "{"), "config.json"),
     ("trainer state tensors", "sft", lambda c: (c / TRAINER / STATE_TENSORS).write_bytes(
         b"\0" * (c / TRAINER / STATE_TENSORS).stat().st_size), STATE_TENSORS),

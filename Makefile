@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The newest versions pyproject.toml allows (no constraints file: today transformers 5.25 with the
 # `kernels` distribution it imports at start-up), for the suite's smoke tests of that end of the range
-# (tests/test_newest.py). The development pins above are the other end.
+# (tests/test_repository_root.py). The development pins above are the other end.
 NEWEST := .venv-newest
 
 .PHONY: demo test install clean

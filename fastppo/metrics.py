@@ -41,6 +41,20 @@ def _proc_status_mib(field: str) -> float | None:
     return None
 
 
+def _written(path: Path, text: str, *, mode: str = "w") -> None:
+    """`text` written into `path` (mode "a": appended). A file system that refuses it (a full disk,
+    a quota, the folder gone) stops the run with one line naming the file (fastppo.run.Stopped): its
+    last checkpoint stays."""
+    try:
+        with path.open(mode) as fh:
+            fh.write(text)
+    except OSError as e:
+        from fastppo.run import Stopped
+
+        raise Stopped(f"could not write {path} ({e.strerror or e}); stopping. The last checkpoint "
+                      f"in {path.parent / 'checkpoint'} (if any) is complete") from None
+
+
 class MetricsLog:
     """Appends to `<out>/metrics.jsonl`; a fresh run truncates it, a resumed one keeps the rows of the
     steps it has not redone."""
@@ -54,13 +68,12 @@ class MetricsLog:
         rows = []
         if resume_step is not None and self.path.exists():
             rows = [r for r in self.read() if r["step"] < resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _written(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        _written(self.path, json.dumps(row) + "\n", mode="a")
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
@@ -85,5 +98,13 @@ def plot(metrics_path, png_path, keys: list[str], title: str) -> None:
         ax.set_xlabel("step")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    plt.close(fig)
+    try:
+        fig.savefig(png_path, dpi=80)
+    except OSError as e:
+        from fastppo.run import Stopped
+
+        raise Stopped(f"could not write the plot {png_path} ({e.strerror or e}); the run finished "
+                      f"and its checkpoint in {Path(png_path).parent / 'checkpoint'} is complete") \
+            from None
+    finally:
+        plt.close(fig)

@@ -135,6 +135,37 @@ def test_a_failed_save_removes_its_aside_copy_and_keeps_the_last_checkpoint(tmp_
     assert not (tmp_path / "checkpoint.tmp").exists()
 
 
+@pytest.mark.parametrize("where", ["metrics.jsonl", "sft.png"])
+def test_a_disk_that_fills_while_logging_stops_the_run_with_one_line(small_run, tmp_path,
+                                                                     monkeypatch, where):
+    # metrics.jsonl fills up at step 2 (after the step-1 checkpoint), or the plot at the end
+    from pathlib import Path
+
+    import matplotlib.figure
+
+    real_open, real_savefig, rows = Path.open, matplotlib.figure.Figure.savefig, []
+
+    def fills_up(self, mode="r", *args, **kwargs):
+        if self.name == "metrics.jsonl" and mode == "a":
+            rows.append(1)
+            if where == "metrics.jsonl" and len(rows) == 2:
+                raise OSError(28, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    def plot_fills_up(self, path, *args, **kwargs):
+        if where == "sft.png":
+            raise OSError(28, "No space left on device")
+        return real_savefig(self, path, *args, **kwargs)
+    monkeypatch.setattr(Path, "open", fills_up)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", plot_fills_up)
+    with pytest.raises(run.Stopped, match=rf"could not write .*{where} \(No space left on device\)"
+                                          r".* checkpoint .* complete") as stop:
+        train_sft(sft(small_run, tmp_path / "run", steps=2))
+    assert "\n" not in str(stop.value)
+    assert load_state(tmp_path / "run" / "checkpoint")["step"] == (1 if where == "metrics.jsonl" else 2)
+    assert not (tmp_path / "run" / run.LOCK).exists()
+
+
 def test_a_trainer_whose_disk_fills_stops_and_keeps_its_last_checkpoint(small_run, tmp_path,
                                                                         monkeypatch):
     # The second save (step 2) runs out of space half-way: the run stops with one line naming the

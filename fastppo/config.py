@@ -312,6 +312,11 @@ class ModelOptions:
     (fastppo.kernels.linear_token_logprobs / linear_ppo_loss): no (tokens, vocabulary) logits,
     forward or backward. Applies where the LM head is a plain linear layer in one process; elsewhere
     (torchrun, a LoRA-adapted or transformed head) the logits path runs."""
+    packed: bool = True
+    """Run every forward (training and no-grad) on the batch's tokens packed into rows without
+    padding, each sequence's attention confined to itself (transformers' packed-sequence masks from
+    position ids): the padded result within float32 rounding, without the padding's compute. A model
+    that does not confine attention that way runs padded, with a notice; false: always padded."""
     lora_rank: int = 0
     """Train LoRA adapters of this rank (peft, the `lora` extra) instead of every weight; 0: full
     fine-tuning. The value and score heads stay fully trainable."""
@@ -432,6 +437,12 @@ class PPOConfig(TrainerOptions, ModelOptions, VLLMOptions):
     """Outer iterations: rollout then PPO epochs."""
     mini_batch_size: int = 32
     """Sequences per optimizer step; must divide batch_size."""
+    max_tokens_per_micro_batch: int = 0
+    """Split each mini-batch (each rank's share of it) into micro-batches of at most this many
+    attended tokens (prompt + response), balanced by token count, their gradients accumulated into
+    one optimizer step; the rollout's no-grad forwards run in the same micro-batches. The loss is
+    normalised once by the mini-batch's global count, so the step does not depend on the split. The
+    longest prompt + max_new_tokens must fit (checked at start). 0: one micro-batch."""
     ppo_epochs: int = 2
     """Passes over each rollout."""
     max_grad_norm: float = 1.0
@@ -492,6 +503,7 @@ class PPOConfig(TrainerOptions, ModelOptions, VLLMOptions):
                  f"({self.batch_size})")
         _require(self.batch_size % self.mini_batch_size == 0,
                  f"mini_batch_size ({self.mini_batch_size}) must divide batch_size ({self.batch_size})")
+        _in(self, "max_tokens_per_micro_batch", 0)
         _in(self, "temperature", 0, low_open=True)
         _in(self, "top_k", 0)
         _in(self, "top_p", 0, 1, low_open=True)

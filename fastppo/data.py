@@ -205,3 +205,87 @@ def pack_prompts(prompts: list[list[int]], pad_id: int, prompt_len: int | None =
     full = pack(prompts, [[] for _ in prompts], pad_id, prompt_len)
     P = full.prompt_len
     return Batch(full.input_ids[:, :P], full.attention_mask[:, :P], full.response_mask[:, :0], P)
+
+
+@dataclass
+class PackedRows:
+    """The attended tokens of a padded batch without its padding: each sequence whole in one row,
+    rows filled first-fit by decreasing length up to `row_length` tokens (default: the longest
+    sequence), each sequence's position ids restarting at 0 (the same positions as in the padded
+    layout, which skips left padding). A model confines attention to each sequence from the position
+    ids (fastppo.models.backbone_outputs); a row's unused tail is padding that starts a sequence of its
+    own. `where[b, j]` is the flat index (row * T + column) of the padded batch's token (b, j), -1
+    where it is not attended: outputs go back to the padded layout through it."""
+    input_ids: torch.Tensor      # (rows, T)
+    position_ids: torch.Tensor   # (rows, T)
+    where: torch.Tensor          # (B, L) long
+    tokens: int                  # attended tokens of the batch
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int = 0,
+           row_length: int | None = None) -> "PackedRows":
+        mask = attention_mask.bool()
+        lengths = mask.sum(-1).tolist()
+        T = max(max(lengths), 1) if row_length is None else row_length
+        if max(lengths) > T:
+            raise ValueError(f"row_length={T} is shorter than the longest sequence ({max(lengths)})")
+        rows: list[list[int]] = []  # the sequences in each row
+        room: list[int] = []
+        for b in sorted(range(len(lengths)), key=lambda b: (-lengths[b], b)):  # first fit decreasing
+            r = next((r for r, free in enumerate(room) if free >= lengths[b]), len(rows))
+            if r == len(rows):
+                rows.append([])
+                room.append(T)
+            rows[r].append(b)
+            room[r] -= lengths[b]
+        ids = torch.full((len(rows), T), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        pos = torch.arange(T, device=input_ids.device).repeat(len(rows), 1)
+        where = torch.full(mask.shape, -1, dtype=torch.long, device=input_ids.device)
+        for r, members in enumerate(rows):
+            at = 0
+            for b in members:
+                n = lengths[b]
+                ids[r, at:at + n] = input_ids[b][mask[b]]
+                pos[r, at:at + n] = torch.arange(n, device=input_ids.device)
+                where[b, mask[b]] = torch.arange(r * T + at, r * T + at + n, device=input_ids.device)
+                at += n
+            pos[r, at:] = torch.arange(T - at, device=input_ids.device)  # the tail: its own sequence
+        return cls(ids, pos, where, int(sum(lengths)))
+
+    def gather(self, outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """outputs (rows, T, ...) at the padded layout's positions `index` ((B, n) of self.where):
+        (B, n, ...), zeros where the padded position is not attended."""
+        flat = outputs.reshape(-1, *outputs.shape[2:])
+        picked = flat[index.clamp(min=0)]
+        keep = (index >= 0).reshape(*index.shape, *([1] * (outputs.dim() - 2)))
+        return picked * keep
+
+
+def micro_batches(lengths: list[int], max_tokens: int, at_least: int = 1) -> list[list[int]]:
+    """The rows 0..n-1 of sequences of `lengths` tokens split into micro-batches of at most
+    `max_tokens` tokens each (a strict cap; 0: no cap, one micro-batch), as few as the cap allows
+    (and at least `at_least`, at most n), balanced by token count: each sequence, longest first, goes
+    to the micro-batch with the fewest tokens that has room for it. Every row is in exactly one
+    micro-batch, each in increasing order; micro-batches are ordered by their first row. A sequence
+    longer than the cap is a ValueError naming it."""
+    n = len(lengths)
+    if not max_tokens:
+        return [list(range(n))] if at_least <= 1 else micro_batches(lengths, sum(lengths), at_least)
+    too_long = [i for i in range(n) if lengths[i] > max_tokens]
+    if too_long:
+        raise ValueError(f"a sequence of {lengths[too_long[0]]} tokens (prompt + response) is longer "
+                         f"than max_tokens_per_micro_batch={max_tokens}")
+    k = min(max(at_least, -(-sum(lengths) // max_tokens)), max(n, 1))
+    while True:
+        bins: list[list[int]] = [[] for _ in range(k)]
+        load = [0] * k
+        for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+            fits = [b for b in range(k) if load[b] + lengths[i] <= max_tokens]
+            if not fits:
+                break
+            b = min(fits, key=lambda b: (load[b], b))
+            bins[b].append(i)
+            load[b] += lengths[i]
+        else:
+            return sorted((sorted(b) for b in bins if b), key=lambda b: b[0])
+        k += 1

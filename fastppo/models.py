@@ -26,7 +26,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from transformers.utils import logging as hf_logging
 
 from fastppo import distributed
-from fastppo.data import Batch
+from fastppo.data import Batch, PackedRows
 from fastppo.heads import TokenHead, in_float32
 from fastppo.lora import (ADAPTER, adapters_off, load_adapter, lora_config, merged_state,
                           save_adapter)
@@ -178,11 +178,68 @@ def backbone(lm, input_ids, attention_mask, **kwargs):
                          position_ids=position_ids, **kwargs)
 
 
-def hidden_at(lm, input_ids, attention_mask, positions: slice = slice(None)):
-    """The backbone's last hidden states at `positions`, contiguous: a strided (B, R, H) slice sends
-    the LM head to a batched matmul against an expanded weight, ~2x slower on CPU."""
-    return backbone(lm, input_ids, attention_mask,
-                    use_cache=False).last_hidden_state[:, positions].contiguous()
+def hidden_at(lm, input_ids, attention_mask, positions: slice | torch.Tensor = slice(None), *,
+              packed: bool = False):
+    """The backbone's last hidden states at `positions` (a slice of columns, or one column per row:
+    a (B,) tensor), contiguous: a strided (B, R, H) slice sends the LM head to a batched matmul
+    against an expanded weight, ~2x slower on CPU. packed=True: the forward runs on the batch's
+    attended tokens packed into rows without padding (fastppo.data.PackedRows), the same outputs
+    within float32 rounding; zeros at positions that are not attended."""
+    if isinstance(positions, torch.Tensor):
+        positions = positions[:, None]
+        pick = lambda h: h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))  # noqa: E731
+    else:
+        pick = lambda h: h[:, positions].contiguous()  # noqa: E731
+    if not packed:
+        return pick(backbone(lm, input_ids, attention_mask, use_cache=False).last_hidden_state)
+    rows = PackedRows.of(input_ids, attention_mask)
+    hidden = lm.base_model(input_ids=rows.input_ids, position_ids=rows.position_ids,
+                           use_cache=False).last_hidden_state
+    return rows.gather(hidden, pick(rows.where[..., None]).squeeze(-1))
+
+
+def packs_exactly(lm) -> bool:
+    """Whether `lm` confines attention to each sequence of a packed row (transformers does, from the
+    position ids, for the families whose masks go through its masking utilities): two short sequences
+    packed into one row give the hidden states each gives alone. Checked once per model, in float32,
+    before it is sharded."""
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad(), torch.autocast(next(lm.parameters()).device.type, enabled=False):
+            device = next(lm.parameters()).device
+            ids = torch.tensor([[5, 9, 7, 4, 11], [3, 8, 6, 0, 0]], device=device) % \
+                lm.config.vocab_size
+            mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool, device=device)
+            alone = torch.cat([hidden_at(lm, ids[:1], mask[:1])[0],
+                               hidden_at(lm, ids[1:, :3], mask[1:, :3])[0]])
+            rows = PackedRows.of(ids, mask, row_length=8)  # both in one row
+            packed = hidden_at(lm, ids, mask, packed=True)[mask]
+            return rows.input_ids.shape[0] == 1 and bool(torch.allclose(packed, alone, atol=1e-4,
+                                                                        rtol=1e-4))
+    except Exception:  # noqa: BLE001 (a family that cannot take position ids alone)
+        return False
+    finally:
+        lm.train(was_training)
+
+
+_told_padded = set()
+
+
+def packing(lm, enabled: bool) -> bool:
+    """The run's choice (cfg.packed) where the model packs exactly (packs_exactly), else padding,
+    with a notice the first time a model class falls back."""
+    if not enabled:
+        return False
+    if packs_exactly(lm):
+        return True
+    name = type(lm).__name__
+    if name not in _told_padded:
+        _told_padded.add(name)
+        warnings.warn(f"{name} does not confine attention to each sequence of a packed row (checked "
+                      "on two short sequences): its forwards run on padded rows (packed false)",
+                      UserWarning, stacklevel=2)
+    return False
 
 
 class ActorCritic(nn.Module):
@@ -197,12 +254,14 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.head = TokenHead(lm)
+        self.packed = False  # forwards on packed rows (fastppo.prepare sets the run's)
 
     def forward(self, batch: Batch, with_values: bool = True):
         """(states, values) at the batch's response positions only: the LM head, the largest matmul
         of a small model, is not spent on prompt positions nobody reads. with_values=False
         (critic-free estimators): values is None, the value head is not run."""
-        hidden = hidden_at(self.lm, batch.input_ids, batch.attention_mask, batch.response_positions)
+        hidden = hidden_at(self.lm, batch.input_ids, batch.attention_mask, batch.response_positions,
+                           packed=self.packed)
         values = None
         if with_values:  # a copy, not a view: FSDP2 hooks outputs
             values = in_float32(self.value_head, hidden).squeeze(-1).clone()
@@ -218,9 +277,11 @@ class PolicyLM(nn.Module):
         super().__init__()
         self.lm = lm
         self.head = TokenHead(lm)
+        self.packed = False  # forwards on packed rows (fastppo.prepare sets the run's)
 
     def forward(self, batch: Batch):
-        hidden = hidden_at(self.lm, batch.input_ids, batch.attention_mask, batch.response_positions)
+        hidden = hidden_at(self.lm, batch.input_ids, batch.attention_mask, batch.response_positions,
+                           packed=self.packed)
         return self.head.states(hidden)
 
 
@@ -258,14 +319,15 @@ class RewardModel(nn.Module):
             raise ValueError(f"{type(model).__name__} has no one-output `score` head; fastppo reads "
                              "reward models of the decoder families (Llama, Qwen2, GPT-2, ...)")
         self.model = model
+        self.packed = False  # forwards on packed rows (fastppo.prepare sets the run's)
 
     def forward(self, batch: Batch):
         """One float32 score per row of the batch."""
         mask = batch.attention_mask
-        hidden = backbone(self.model, batch.input_ids, mask, use_cache=False).last_hidden_state
         last = mask.shape[1] - 1 - mask.flip(-1).long().argmax(-1)
+        hidden = hidden_at(self.model, batch.input_ids, mask, last, packed=self.packed)[:, 0]
         # not a view: FSDP2 hooks a module's outputs for backward
-        return in_float32(self.model.score, hidden[torch.arange(len(last)), last]).squeeze(-1).clone()
+        return in_float32(self.model.score, hidden).squeeze(-1).clone()
 
 
 HEAD_FILE = "head.safetensors"  # the older layout's value head / RM score head, beside the model

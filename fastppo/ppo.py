@@ -35,7 +35,8 @@ from transformers import AutoTokenizer
 
 from fastppo import distributed, rewards, rollout, run
 from fastppo.config import PPOConfig
-from fastppo.data import Batch, encode_prompts, limit_prompts, read_jsonl, special_ids
+from fastppo.data import (Batch, encode_prompts, limit_prompts, micro_batches, read_jsonl,
+                          special_ids)
 from fastppo.kernels import gae, group_advantages, kl_rewards, masked_whiten, reward_to_go
 from fastppo.metrics import peak_memory_mib, plot, reset_peak_memory
 from fastppo.models import (ActorCritic, AdaptersOff, PolicyLM, eval_mode, load_lm,
@@ -118,6 +119,10 @@ def read_prompts(cfg: PPOConfig):
     for path in (cfg.policy, cfg.reward_model):
         if path:
             check_fits_context(path, longest, "the longest prompt + max_new_tokens")
+    if cfg.max_tokens_per_micro_batch and longest > cfg.max_tokens_per_micro_batch:
+        raise ValueError(f"max_tokens_per_micro_batch={cfg.max_tokens_per_micro_batch} is less than "
+                         f"the longest prompt + max_new_tokens ({longest} tokens): a sequence must "
+                         "fit one micro-batch")
     rollout.preflight(cfg)  # before any model is loaded
     return tokenizer, prompts, reward_fn
 
@@ -134,9 +139,9 @@ def build_models(cfg: PPOConfig, eos: int):
         reward_model = load_reward_model(cfg.reward_model, cfg.device, cfg.dtype)
     optimizer = prepare(model, cfg)  # with LoRA: the adapters and the value head train
     reference = AdaptersOff(model) if cfg.lora_rank else freeze_and_shard(
-        reference, fused_linear=cfg.fused_linear)
+        reference, fused_linear=cfg.fused_linear, packed=cfg.packed)
     if reward_model is not None:
-        freeze_and_shard(reward_model)
+        freeze_and_shard(reward_model, packed=cfg.packed)
     if distributed.world() > 1:
         with torch.no_grad():  # FSDP2 takes the module of the first forward for its root
             ones = torch.ones(1, 2, dtype=torch.bool, device=cfg.device)
@@ -145,14 +150,30 @@ def build_models(cfg: PPOConfig, eos: int):
     return model, reference, reward_model, optimizer
 
 
+def split(batch: Batch, rows: torch.Tensor, cfg: PPOConfig) -> list[torch.Tensor]:
+    """This rank's share of the global mini-batch `rows`, as micro-batches of at most
+    cfg.max_tokens_per_micro_batch attended tokens (fastppo.data.micro_batches), every rank with the
+    same number of them (FSDP2's collectives run once per forward and backward). The rollout's
+    forwards and the first epoch split the same rows alike: the same logits, bit for bit."""
+    mine = distributed.my_rows(rows)
+    lengths = batch.attention_mask[mine].sum(-1).tolist()
+    at_least = 1
+    while True:
+        parts = micro_batches(lengths, cfg.max_tokens_per_micro_batch, at_least)
+        most = int(distributed.max_over_ranks(len(parts), cfg.device))
+        if distributed.agree(len(parts) == most):
+            return [mine[torch.tensor(p, dtype=torch.long)] for p in parts]
+        at_least = most
+
+
 @torch.no_grad()
 def rollout_forward(model, reference, score, batch: Batch, order, cfg, sampling: Sampling,
                     critic: bool):
     """Old log-probs (under the sampling distribution: temperature, top-k, top-p) and values
     (actor-critic; no values without a critic), the policy's untruncated log-probs (the kept-mass
     metric; with top-k/top-p only, else the old ones), reference log-probs (full tempered
-    distribution), scores: one no-grad pass each, in the mini-batches of the first PPO epoch
-    (`order`; each rank takes its share of each). Every rank ends with the whole batch's: the batch
+    distribution), scores: one no-grad pass each, in the micro-batches of the first PPO epoch
+    (`order`, split: each rank takes its share of each mini-batch). Every rank ends with the whole batch's: the batch
     with per-token old_logprobs, plain_logprobs, old_values, ref_logprobs, and (scores, reward_fn
     errors, timings)."""
     B, R = batch.response_mask.shape
@@ -164,8 +185,8 @@ def rollout_forward(model, reference, score, batch: Batch, order, cfg, sampling:
     scores = torch.zeros(B, device=cfg.device)
     errors = torch.zeros((), device=cfg.device)
     timings = {"reference": 0.0, "score": 0.0}
-    for i in range(0, B, cfg.mini_batch_size):
-        idx = distributed.my_rows(order[i:i + cfg.mini_batch_size])
+    for idx in (part for i in range(0, B, cfg.mini_batch_size)
+                for part in split(batch, order[i:i + cfg.mini_batch_size], cfg)):
         mb = batch.select(idx)
         with precision(cfg.device, cfg.dtype):  # as in training: the same logits, bit for bit
             states, v = model(mb, with_values=critic)
@@ -224,51 +245,71 @@ def loss_options(cfg: PPOConfig, sampling: Sampling, kl_coef: float, critic: boo
 
 
 def ppo_epochs(model, optimizer, batch: Batch, epoch_orders, cfg: PPOConfig, options: dict,
-               critic: bool, at: str) -> tuple[dict, float]:
+               critic: bool, at: str) -> tuple[dict, float, list[int]]:
     """ppo_epochs passes of ppo_loss over mini-batches of `batch` (its response_mask: the tokens in
     the loss; per-token old_logprobs, advantages, ref_logprobs, old_values and returns), with
-    gradient clipping and AdamW. Each rank takes its share of every mini-batch; its loss is its share
-    of the global mini-batch's mean (share_of_mean: over tokens, or over responses of their token
-    means), so the gradient FSDP averages is the one-process one. Returns (the mean stats of the
-    global mini-batches, the first mini-batch's largest |ratio - 1|: 0 up to rounding)."""
-    stats, outside_train, first_ratio_error = [], [], None
+    gradient clipping and AdamW, one step per mini-batch. Each rank takes its share of every
+    mini-batch, in micro-batches (split) whose gradients accumulate; a micro-batch's loss is its
+    share of the global mini-batch's mean (share_of_mean: over tokens, or over responses of their
+    token means), so the step is the one-process, one-micro-batch one whatever the split. Returns
+    (the mean stats of the global mini-batches, the first mini-batch's largest |ratio - 1|: 0 up to
+    rounding, the tokens of each micro-batch)."""
+    stats, outside_train, first_ratio_error, micro_tokens = [], [], None, []
     by_tokens = cfg.loss_reduction == "token-mean"
     for order in epoch_orders:
         for i in range(0, cfg.batch_size, cfg.mini_batch_size):
-            tokens = batch.response_mask[order[i:i + cfg.mini_batch_size]].sum().clamp(min=1)
-            responses = batch.response_mask[order[i:i + cfg.mini_batch_size]].any(-1).sum().clamp(min=1)
-            mb = batch.select(distributed.my_rows(order[i:i + cfg.mini_batch_size]))
-            t = mb.per_token
-            # the loss is a sum over my tokens (token-mean), or a mean over my responses
-            mine_of_total = (1.0, tokens) if by_tokens else (mb.response_mask.any(-1).sum(), responses)
-            tensors = dict(sampler_logprobs=None if cfg.tis_cap is None else mb.sampler_logprobs)
-            if critic:
-                tensors.update(old_values=t["old_values"], returns=t["returns"])
-            if cfg.kl_in_loss:
-                tensors.update(ref_logprobs=t["ref_logprobs"])
-            with precision(cfg.device, cfg.dtype):  # bf16 matmuls; the loss in float32
-                states, values = model(mb, with_values=critic)  # logits, or hidden states
-                out = model.head.ppo_loss(states, mb.responses, t["old_logprobs"], t["advantages"],
-                                          mb.response_mask, values=values, **options, **tensors)
-            loss = distributed.share_of_mean(out.loss * mine_of_total[0], mine_of_total[1])
-            if first_ratio_error is None:  # rollout/training agreement: ratio must be 1 here
-                with torch.no_grad(), precision(cfg.device, cfg.dtype):
-                    lp = model.head.logprobs(states.detach(), mb.labels,
-                                             temperature=options["temperature"],
-                                             top_k=options["top_k"], top_p=options["top_p"])
-                    ratio = torch.exp(lp - t["old_logprobs"])[mb.response_mask]
-                    first_ratio_error = distributed.max_over_ranks(
-                        (ratio - 1).abs().max().item() if ratio.numel() else 0.0, cfg.device)
-            mine = mb.response_mask.sum()  # the global mini-batch's stats, summed over ranks
-            if out.outside_kept is not None:
-                outside_train.append(out.outside_kept * mine / tokens)
-            value_loss = out.value_loss if critic else torch.zeros_like(out.loss)
-            share = lambda x: x * mine_of_total[0] / mine_of_total[1]  # noqa: E731  (x / tokens, bit for bit)
-            stats.append(torch.stack([share(out.policy_loss), share(value_loss),
-                                      out.entropy * mine / tokens, out.clipfrac * mine / tokens,
-                                      out.approx_kl * mine / tokens]))
-            run.step(optimizer, loss, cfg.out, what="PPO", at=at, max_norm=cfg.max_grad_norm,
+            rows = order[i:i + cfg.mini_batch_size]
+            tokens = batch.response_mask[rows].sum().clamp(min=1)
+            responses = batch.response_mask[rows].any(-1).sum().clamp(min=1)
+            sums = torch.zeros(5, device=cfg.device)  # the mini-batch's stats, summed over parts
+            outside, errors = None, []  # outside: None without top-k/top-p
+
+            def losses():  # one per micro-batch, each backpropagated before the next runs
+                nonlocal sums, outside
+                for idx in split(batch, rows, cfg):
+                    mb = batch.select(idx)
+                    micro_tokens.append(int(mb.attention_mask.sum()))
+                    t = mb.per_token
+                    # the loss is a sum over my tokens (token-mean), or a mean over my responses
+                    mine_of_total = (1.0, tokens) if by_tokens else (mb.response_mask.any(-1).sum(),
+                                                                     responses)
+                    tensors = dict(sampler_logprobs=None if cfg.tis_cap is None
+                                   else mb.sampler_logprobs)
+                    if critic:
+                        tensors.update(old_values=t["old_values"], returns=t["returns"])
+                    if cfg.kl_in_loss:
+                        tensors.update(ref_logprobs=t["ref_logprobs"])
+                    with precision(cfg.device, cfg.dtype):  # bf16 matmuls; the loss in float32
+                        states, values = model(mb, with_values=critic)  # logits, or hidden states
+                        out = model.head.ppo_loss(states, mb.responses, t["old_logprobs"],
+                                                  t["advantages"], mb.response_mask, values=values,
+                                                  **options, **tensors)
+                    if first_ratio_error is None:  # rollout/training agreement: ratio must be 1
+                        with torch.no_grad(), precision(cfg.device, cfg.dtype):
+                            lp = model.head.logprobs(states.detach(), mb.labels,
+                                                     temperature=options["temperature"],
+                                                     top_k=options["top_k"], top_p=options["top_p"])
+                            ratio = torch.exp(lp - t["old_logprobs"])[mb.response_mask]
+                            errors.append((ratio - 1).abs().max().item() if ratio.numel() else 0.0)
+                    mine = mb.response_mask.sum()
+                    if out.outside_kept is not None:
+                        outside = (0.0 if outside is None else outside) + \
+                            out.outside_kept * mine / tokens
+                    value_loss = out.value_loss if critic else torch.zeros_like(out.loss)
+                    share = lambda x: x * mine_of_total[0] / mine_of_total[1]  # noqa: E731
+                    sums = sums + torch.stack([share(out.policy_loss), share(value_loss),
+                                               out.entropy * mine / tokens,
+                                               out.clipfrac * mine / tokens,
+                                               out.approx_kl * mine / tokens]).detach()
+                    yield distributed.share_of_mean(out.loss * mine_of_total[0], mine_of_total[1])
+
+            run.step(optimizer, losses(), cfg.out, what="PPO", at=at, max_norm=cfg.max_grad_norm,
                      model=model)
+            if first_ratio_error is None:  # the global first mini-batch's, over ranks
+                first_ratio_error = distributed.max_over_ranks(max(errors), cfg.device)
+            stats.append(sums)
+            if outside is not None:
+                outside_train.append(outside)
     stats = torch.stack(stats)
     distributed.sum_over_ranks(stats)
     mean = dict(zip(STATS, stats.mean(0).tolist()))
@@ -277,12 +318,12 @@ def ppo_epochs(model, optimizer, batch: Batch, epoch_orders, cfg: PPOConfig, opt
         outside_train = torch.stack(outside_train)
         distributed.sum_over_ranks(outside_train)
         mean["outside_kept_train"] = outside_train.mean().item()
-    return mean, first_ratio_error
+    return mean, first_ratio_error, micro_tokens
 
 
 def metrics_row(cfg: PPOConfig, iteration: int, batch: Batch, loss_mask, outside, token_rewards,
                 scores, kl_coef, critic, mean, first_ratio_error, reward_fn_errors, times,
-                memory_at_start) -> dict:
+                memory_at_start, micro_tokens) -> dict:
     """The iteration's row of metrics.jsonl (docs/engine.md says what each means). kl is
     kl_truncation + kl_untruncated: with top-k/top-p the policy that samples is the truncated one and
     the reference the full distribution, so kl starts at the kept mass's -log before any update."""
@@ -312,6 +353,10 @@ def metrics_row(cfg: PPOConfig, iteration: int, batch: Batch, loss_mask, outside
         "iteration_memory_mib": distributed.max_over_ranks(
             peak_memory_mib(cfg.device) - memory_at_start, cfg.device),
         "world_size": distributed.world(),
+        # the padded layout's share of padding, which packed rows (cfg.packed) do not compute
+        "padding_fraction": 1 - batch.attention_mask.float().mean().item(),
+        "tokens_per_micro_batch": sum(micro_tokens) / max(len(micro_tokens), 1),
+        "micro_batches": len(micro_tokens),
         **sampler_gap(old, batch.sampler_logprobs, loss_mask),
         **truncation_metrics(old, plain, batch.sampler_logprobs, loss_mask, outside),
         "outside_kept_train": mean["outside_kept_train"],
@@ -377,7 +422,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
                                   **({"returns": returns} if critic else {}))
 
         # 4. PPO epochs over mini-batches (the loss on loss_mask's tokens).
-        mean, first_ratio_error = ppo_epochs(
+        mean, first_ratio_error, micro_tokens = ppo_epochs(
             model, optimizer, batch.with_tokens(response_mask=loss_mask), epoch_orders, cfg,
             loss_options(cfg, sampling, kl_coef, critic), critic, at=f"iteration {iteration}")
         t_end = time.perf_counter()
@@ -385,7 +430,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
         # 5. Log; adapt the KL coefficient; checkpoint.
         row = metrics_row(cfg, iteration, batch, loss_mask, outside, token_rewards, scores, kl_coef,
                           critic, mean, first_ratio_error, reward_fn_errors,
-                          (t_start, t_sync, t_generate, t_end, timings), memory_at_start)
+                          (t_start, t_sync, t_generate, t_end, timings), memory_at_start,
+                          micro_tokens)
         log.write(row)
         progress.set_postfix(score=f"{row['score_mean']:+.3f}", kl=f"{row['kl']:.3f}",
                              clipfrac=f"{row['clipfrac']:.3f}")

@@ -453,16 +453,22 @@ def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
-def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, out, *, what: str, at: str,
+def step(optimizer: torch.optim.Optimizer, loss, out, *, what: str, at: str,
          max_norm: float | None = None, model: torch.nn.Module | None = None) -> torch.Tensor:
-    """One optimizer step on `loss` (this rank's share of the global loss), as every trainer takes
-    it: stopped (Stopped, the last good checkpoint kept) before the step if the global loss or the
-    gradient norm is not finite, so no non-finite weight is ever written. max_norm: clip `model`'s
-    gradients to it first. Returns the global loss (the shares summed over ranks / world size)."""
-    value = distributed.summed(loss.detach()) / distributed.world()
-    stop_if_not_finite(value, out, what=f"{what} loss", at=at)
+    """One optimizer step on `loss` (this rank's share of the global loss; or an iterable of the
+    shares of its micro-batches, each backpropagated as it comes, their gradients accumulated), as
+    every trainer takes it: stopped (Stopped, the last good checkpoint kept) before the step if the
+    global loss or the gradient norm is not finite, so no non-finite weight is ever written.
+    max_norm: clip `model`'s gradients to it first. Returns the global loss (the shares summed over
+    micro-batches and ranks / world size). The loss is normalised by its caller, once, by the global
+    count it averages over: a micro-batch's share is its part of that mean, never its own mean."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = None
+    for part in ([loss] if isinstance(loss, torch.Tensor) else loss):
+        part.backward()
+        total = part.detach() if total is None else total + part.detach()
+    value = distributed.summed(total) / distributed.world()
+    stop_if_not_finite(value, out, what=f"{what} loss", at=at)
     norm = gradient_norm(optimizer) if max_norm is None else \
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     stop_if_not_finite(norm, out, what=f"{what} gradient norm", at=at)

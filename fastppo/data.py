@@ -273,8 +273,8 @@ def micro_batches(lengths: list[int], max_tokens: int, at_least: int = 1) -> lis
         return [list(range(n))] if at_least <= 1 else micro_batches(lengths, sum(lengths), at_least)
     too_long = [i for i in range(n) if lengths[i] > max_tokens]
     if too_long:
-        raise ValueError(f"a sequence of {lengths[too_long[0]]} tokens (prompt + response) is longer "
-                         f"than max_tokens_per_micro_batch={max_tokens}")
+        raise ValueError(f"sequence {too_long[0]} has {lengths[too_long[0]]} tokens (prompt + "
+                         f"response), more than max_tokens_per_micro_batch={max_tokens}")
     k = min(max(at_least, -(-sum(lengths) // max_tokens)), max(n, 1))
     while True:
         bins: list[list[int]] = [[] for _ in range(k)]

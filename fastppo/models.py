@@ -214,7 +214,9 @@ def packs_exactly(lm) -> bool:
             alone = torch.cat([hidden_at(lm, ids[:1], mask[:1])[0],
                                hidden_at(lm, ids[1:, :3], mask[1:, :3])[0]])
             rows = PackedRows.of(ids, mask, row_length=8)  # both in one row
-            packed = hidden_at(lm, ids, mask, packed=True)[mask]
+            hidden = lm.base_model(input_ids=rows.input_ids, position_ids=rows.position_ids,
+                                   use_cache=False).last_hidden_state
+            packed = rows.gather(hidden, rows.where)[mask]
             return rows.input_ids.shape[0] == 1 and bool(torch.allclose(packed, alone, atol=1e-4,
                                                                         rtol=1e-4))
     except Exception:  # noqa: BLE001 (a family that cannot take position ids alone)

@@ -108,16 +108,19 @@ def test_two_ranks_equal_one_process(small_run, two_ranks, tmp_path):
 
 def test_critic_free_grpo_on_two_ranks_equals_one_process(small_run, tmp_path):
     # groups of 4 samples split over the ranks, the loss averaged per response (each rank's share
-    # of the global responses), the KL in the loss, no value head run (FSDP2 with unused parameters)
+    # of the global responses), the KL in the loss, no value head run (FSDP2 with unused parameters);
+    # the two ranks split their shares into token-budget micro-batches (packed rows, 12 tokens at
+    # most): the one process runs one micro-batch per mini-batch, padded
     grpo = ("--advantage_estimator", "grpo", "--samples_per_prompt", "4", "--kl_in_loss", "true",
             "--loss_reduction", "seq-mean-token-mean", "--clip_eps_high", "0.28")
     runs = {}
-    for world in (1, 2):
+    for world, layout in ((1, ("--packed", "false")), (2, ("--max_tokens_per_micro_batch", "12"))):
         runs[world] = tmp_path / f"world{world}"
-        code, stdout, stderr = fastppo(small_run, runs[world], *grpo, world=world)
+        code, stdout, stderr = fastppo(small_run, runs[world], *grpo, *layout, world=world)
         assert code == 0, stdout[-2000:] + stderr[-3000:]
     assert_same_run(runs[1], runs[2])
     assert all(r["value_loss"] == 0 and r["first_ratio_max_error"] <= 1e-5 for r in rows(runs[2]))
+    assert all(r["micro_batches"] > x["micro_batches"] for r, x in zip(rows(runs[2]), rows(runs[1])))
 
 
 def test_checkpoints_resume_at_the_other_world_size(small_run, two_ranks, tmp_path):

@@ -190,7 +190,7 @@ def hidden_at(lm, input_ids, attention_mask, positions: slice | torch.Tensor = s
         pick = lambda h: h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))  # noqa: E731
     else:
         pick = lambda h: h[:, positions].contiguous()  # noqa: E731
-    if not packed:
+    if not packed or bool(attention_mask.all()):  # (nothing to pack: the padded path is the same)
         return pick(backbone(lm, input_ids, attention_mask, use_cache=False).last_hidden_state)
     rows = PackedRows.of(input_ids, attention_mask)
     hidden = lm.base_model(input_ids=rows.input_ids, position_ids=rows.position_ids,

@@ -12,11 +12,11 @@ For each workload and layout (packed false / true), from the same initial weight
 no-grad forwards as the loop runs them (fastppo.ppo.rollout_forward: old log-probs and values, the
 reference, the reward model) and the PPO epochs (fastppo.ppo.ppo_epochs: 2 epochs of 2 mini-batches,
 fused LM head, GAE with a critic; GRPO without). Generation is not timed: the rollout engine samples
-the same way in both layouts. Reports the median of `repeat` runs after one warm-up: seconds and
-tokens/s (attended tokens per second) of each phase and of the two together, peak RSS growth, the
-padding fraction, and the FLOPs each layout spends against the useful FLOPs (dense layers per
-token, attention per sequence, the LM head on the response grid), as a fraction of the matmul peak
-measured in the same run. Rows go to bench/results/packing.csv.
+the same way in both layouts. Reports the median of `repeat` runs after one warm-up, the two layouts
+alternating: seconds and tokens/s (attended tokens per second) of each phase and of the two together,
+peak RSS growth, the padding fraction, and the FLOPs each layout spends against the useful FLOPs
+(dense layers per token, attention per sequence, the LM head on the response tokens), as a fraction
+of the matmul peak measured in the same run. Rows go to bench/results/packing.csv.
 """
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def rollouts(kind: str, response: int, vocab: int, seed: int):
 
 def flops(batch, hidden: int, layers: int, intermediate: int, vocab: int, rows_T=None):
     """Forward FLOPs of one model over the batch: the dense layers per token, causal attention per
-    sequence, the LM head on the (B, R) response grid. rows_T: (rows, T) of a packed layout."""
+    sequence, the LM head on the (B, R) response grid when padded, on the response tokens alone
+    when packed (token-mean loss, fastppo.data.ResponseTokens). rows_T: (rows, T) of a packed
+    layout."""
     dense = 2 * layers * (4 * hidden * hidden + 3 * hidden * intermediate)
     attn = lambda L: 2 * layers * hidden * L * (L + 1)  # noqa: E731 (QK^T and AV, causal half)
     lengths = batch.attention_mask.sum(-1).tolist()
@@ -73,13 +75,48 @@ def flops(batch, hidden: int, layers: int, intermediate: int, vocab: int, rows_T
     if rows_T == "useful":
         return dense * sum(lengths) + sum(attn(n) for n in lengths) + useful_head
     rows, T = rows_T
-    return dense * rows * T + attn(T) * rows + head  # sdpa computes each row's whole square
+    return dense * rows * T + attn(T) * rows + useful_head  # sdpa computes each row's whole square
 
 
 def matmul_gflops(device: str) -> float:
     a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
     ms, _, _ = time_ms(lambda: a @ b, device, repeat=7)
     return 2 * 2048**3 / (ms / 1e3) / 1e9
+
+
+def config_for(packed: bool, kind: str, estimator: str, args) -> PPOConfig:
+    return PPOConfig(prompts="-", policy="-", reward_model="-", out="-", batch_size=B,
+                     mini_batch_size=B // 2, ppo_epochs=2, max_new_tokens=args.response, lr=1e-7,
+                     device=args.device, packed=packed, advantage_estimator=estimator,
+                     samples_per_prompt=8 if kind == "grpo" else 1)
+
+
+def one_iteration(lm, rm, batch, cfg, critic: bool, packed: bool, seed: int, args):
+    """Seconds and peak memory (MiB) of the rollout's no-grad forwards and of the PPO epochs, from
+    fresh copies of the initial weights."""
+    sampling = Sampling(max_new_tokens=args.response, temperature=1.0, top_k=0, top_p=1.0)
+    model = ActorCritic(copy.deepcopy(lm))
+    optimizer = prepare(model, cfg)
+    reference = freeze_and_shard(PolicyLM(copy.deepcopy(lm)), fused_linear=True, packed=packed)
+    reward = freeze_and_shard(RewardModel(copy.deepcopy(rm)), packed=packed)
+    score = make_scorer(cfg, reward, None, None)
+    g = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(B, generator=g) for _ in range(cfg.ppo_epochs)]
+    reset_peak_memory(args.device)
+    start = time.perf_counter()
+    out, scores, _, _ = rollout_forward(model, reference, score, batch, orders[0], cfg, sampling,
+                                        critic)
+    t_forwards, m_forwards = time.perf_counter() - start, peak_memory_mib(args.device)
+    t = out.per_token
+    rewards = kl_rewards(t["old_logprobs"], t["ref_logprobs"], scores, out.response_mask,
+                         kl_coef=0.05)
+    advantages, returns = estimate_advantages(cfg, rewards, t["old_values"], out.response_mask)
+    out = out.with_tokens(advantages=advantages, **({"returns": returns} if critic else {}))
+    reset_peak_memory(args.device)
+    start = time.perf_counter()
+    ppo_epochs(model, optimizer, out, orders, cfg, loss_options(cfg, sampling, 0.05, critic),
+               critic, at="bench")
+    return t_forwards, m_forwards, time.perf_counter() - start, peak_memory_mib(args.device)
 
 
 def main(argv=None):
@@ -111,45 +148,20 @@ def main(argv=None):
         estimator = "grpo" if kind == "grpo" else "gae"
         padding = 1 - batch.attention_mask.float().mean().item()
         tokens = int(batch.attention_mask.sum())
-        for packed in (False, True):
-            cfg = PPOConfig(prompts="-", policy="-", reward_model="-", out="-", batch_size=B,
-                            mini_batch_size=B // 2, ppo_epochs=2, max_new_tokens=args.response,
-                            lr=1e-7, device=args.device, packed=packed,
-                            advantage_estimator=estimator, samples_per_prompt=8 if kind == "grpo" else 1)
-            critic = estimator == "gae"
-            sampling = Sampling(max_new_tokens=args.response, temperature=1.0, top_k=0, top_p=1.0)
-            times = {"forwards": [], "train": []}
-            memory = {"forwards": [], "train": []}
-            for r in range(args.repeat + 1):  # the first is a warm-up
-                model = ActorCritic(copy.deepcopy(lm))
-                optimizer = prepare(model, cfg)
-                reference = freeze_and_shard(PolicyLM(copy.deepcopy(lm)), fused_linear=True,
-                                             packed=packed)
-                reward = freeze_and_shard(RewardModel(copy.deepcopy(rm)), packed=packed)
-                score = make_scorer(cfg, reward, None, None)
-                g = torch.Generator().manual_seed(r)
-                orders = [torch.randperm(B, generator=g) for _ in range(cfg.ppo_epochs)]
-                reset_peak_memory(args.device)
-                start = time.perf_counter()
-                out, scores, _, _ = rollout_forward(model, reference, score, batch, orders[0], cfg,
-                                                    sampling, critic)
-                t_forwards, m_forwards = time.perf_counter() - start, peak_memory_mib(args.device)
-                t = out.per_token
-                rewards = kl_rewards(t["old_logprobs"], t["ref_logprobs"], scores,
-                                     out.response_mask, kl_coef=0.05)
-                advantages, returns = estimate_advantages(cfg, rewards, t["old_values"],
-                                                          out.response_mask)
-                out = out.with_tokens(advantages=advantages, **({"returns": returns} if critic else {}))
-                reset_peak_memory(args.device)
-                start = time.perf_counter()
-                ppo_epochs(model, optimizer, out, orders, cfg, loss_options(cfg, sampling, 0.05, critic),
-                           critic, at="bench")
-                t_train, m_train = time.perf_counter() - start, peak_memory_mib(args.device)
+        times = {(p, phase): [] for p in (False, True) for phase in ("forwards", "train")}
+        memory = {key: [] for key in times}
+        for r in range(args.repeat + 1):  # the first is a warm-up; the layouts alternate, so
+            for packed in (False, True):  # that the box's drift hits both alike
+                cfg = config_for(packed, kind, estimator, args)
+                t_forwards, m_forwards, t_train, m_train = one_iteration(
+                    lm, rm, batch, cfg, estimator == "gae", packed, r, args)
                 if r:
-                    times["forwards"].append(t_forwards)
-                    times["train"].append(t_train)
-                    memory["forwards"].append(m_forwards)
-                    memory["train"].append(m_train)
+                    for phase, t, m in (("forwards", t_forwards, m_forwards),
+                                        ("train", t_train, m_train)):
+                        times[packed, phase].append(t)
+                        memory[packed, phase].append(m)
+        for packed in (False, True):
+            cfg = config_for(packed, kind, estimator, args)
             rows = PackedRows.of(batch.input_ids, batch.attention_mask)
             layout = rows.input_ids.shape if packed else None
             # the policy, reference and reward model forward once each; the policy 2 epochs x 3
@@ -157,7 +169,7 @@ def main(argv=None):
             spent = 9 * flops(batch, H, args.layers, I, args.vocab, layout)
             useful = 9 * flops(batch, H, args.layers, I, args.vocab, "useful")
             padded = 9 * flops(batch, H, args.layers, I, args.vocab)
-            tf, tt = statistics.median(times["forwards"]), statistics.median(times["train"])
+            tf, tt = (statistics.median(times[packed, p]) for p in ("forwards", "train"))
             row = dict(date=today(), rev=git_revision(), device=device, torch=torch.__version__,
                        workload=kind, layout="packed" if packed else "padded",
                        shape=f"h{H}-l{args.layers}-v{args.vocab}-r{args.response}", tokens=tokens,
@@ -165,8 +177,8 @@ def main(argv=None):
                        train_s=f"{tt:.3f}", forwards_tokens_per_s=f"{tokens / tf:.0f}",
                        train_tokens_per_s=f"{tokens * cfg.ppo_epochs / tt:.0f}",
                        iteration_tokens_per_s=f"{tokens / (tf + tt):.0f}",
-                       forwards_peak_mib=f"{statistics.median(memory['forwards']):.0f}",
-                       train_peak_mib=f"{statistics.median(memory['train']):.0f}",
+                       forwards_peak_mib=f"{statistics.median(memory[packed, 'forwards']):.0f}",
+                       train_peak_mib=f"{statistics.median(memory[packed, 'train']):.0f}",
                        gflop_spent=f"{spent / 1e9:.1f}", gflop_useful=f"{useful / 1e9:.1f}",
                        gflop_padded=f"{padded / 1e9:.1f}",
                        useful_fraction_of_peak=f"{useful / (tf + tt) / 1e9 / peak:.3f}",

@@ -261,6 +261,29 @@ class PackedRows:
         return picked * keep
 
 
+class ResponseTokens:
+    """Where a model call computes a batch's per-response-token outputs: on packed rows
+    (`compact`) only at the response tokens that count, as (N, ...) in row-major order of the mask,
+    so that no LM head or loss runs on response padding; else on the (B, R) grid, as the padded
+    layout does. `at` is what the model wrappers take (None: the grid); `take` lays a (B, R)
+    tensor out the same way; `put` lays outputs back onto the (B, R) grid (0 elsewhere)."""
+
+    def __init__(self, mask: torch.Tensor, compact: bool):
+        self.mask = mask
+        self.compact = compact and not bool(mask.all())  # (no padding: the grid is the same)
+        self.at = mask if self.compact else None
+
+    def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or not self.compact else t[self.mask]
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.compact:
+            return t
+        grid = torch.zeros(self.mask.shape, dtype=t.dtype, device=t.device)
+        grid[self.mask] = t
+        return grid
+
+
 def micro_batches(lengths: list[int], max_tokens: int, at_least: int = 1) -> list[list[int]]:
     """The rows 0..n-1 of sequences of `lengths` tokens split into micro-batches of at most
     `max_tokens` tokens each (a strict cap; 0: no cap, one micro-batch), as few as the cap allows

@@ -179,23 +179,28 @@ def backbone(lm, input_ids, attention_mask, **kwargs):
 
 
 def hidden_at(lm, input_ids, attention_mask, positions: slice | torch.Tensor = slice(None), *,
-              packed: bool = False):
+              packed: bool = False, at: torch.Tensor | None = None):
     """The backbone's last hidden states at `positions` (a slice of columns, or one column per row:
     a (B,) tensor), contiguous: a strided (B, R, H) slice sends the LM head to a batched matmul
     against an expanded weight, ~2x slower on CPU. packed=True: the forward runs on the batch's
     attended tokens packed into rows without padding (fastppo.data.PackedRows), the same outputs
-    within float32 rounding; zeros at positions that are not attended."""
+    within float32 rounding; zeros at positions that are not attended. at: a bool (B, n) mask over
+    the positions; only those, as (N, H) in row-major order (the heads then run on them alone)."""
     if isinstance(positions, torch.Tensor):
         positions = positions[:, None]
         pick = lambda h: h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))  # noqa: E731
     else:
         pick = lambda h: h[:, positions].contiguous()  # noqa: E731
     if not packed or bool(attention_mask.all()):  # (nothing to pack: the padded path is the same)
-        return pick(backbone(lm, input_ids, attention_mask, use_cache=False).last_hidden_state)
+        hidden = pick(backbone(lm, input_ids, attention_mask, use_cache=False).last_hidden_state)
+        return hidden if at is None else hidden[at]
     rows = PackedRows.of(input_ids, attention_mask)
     hidden = lm.base_model(input_ids=rows.input_ids, position_ids=rows.position_ids,
                            use_cache=False).last_hidden_state
-    return rows.gather(hidden, pick(rows.where[..., None]).squeeze(-1))
+    index = pick(rows.where[..., None]).squeeze(-1)
+    if at is None:
+        return rows.gather(hidden, index)
+    return hidden.reshape(-1, hidden.shape[-1])[index[at]]  # (every position in `at` is attended)
 
 
 def packs_exactly(lm) -> bool:
@@ -258,12 +263,13 @@ class ActorCritic(nn.Module):
         self.head = TokenHead(lm)
         self.packed = False  # forwards on packed rows (fastppo.prepare sets the run's)
 
-    def forward(self, batch: Batch, with_values: bool = True):
+    def forward(self, batch: Batch, with_values: bool = True, at: torch.Tensor | None = None):
         """(states, values) at the batch's response positions only: the LM head, the largest matmul
         of a small model, is not spent on prompt positions nobody reads. with_values=False
-        (critic-free estimators): values is None, the value head is not run."""
+        (critic-free estimators): values is None, the value head is not run. at: a (B, R) bool mask
+        of the response tokens wanted; (N, ...) states and values of those alone (response_tokens)."""
         hidden = hidden_at(self.lm, batch.input_ids, batch.attention_mask, batch.response_positions,
-                           packed=self.packed)
+                           packed=self.packed, at=at)
         values = None
         if with_values:  # a copy, not a view: FSDP2 hooks outputs
             values = in_float32(self.value_head, hidden).squeeze(-1).clone()
@@ -281,9 +287,9 @@ class PolicyLM(nn.Module):
         self.head = TokenHead(lm)
         self.packed = False  # forwards on packed rows (fastppo.prepare sets the run's)
 
-    def forward(self, batch: Batch):
+    def forward(self, batch: Batch, at: torch.Tensor | None = None):
         hidden = hidden_at(self.lm, batch.input_ids, batch.attention_mask, batch.response_positions,
-                           packed=self.packed)
+                           packed=self.packed, at=at)
         return self.head.states(hidden)
 
 
@@ -298,9 +304,13 @@ class AdaptersOff:
     def head(self) -> TokenHead:
         return self.model.head
 
-    def __call__(self, batch: Batch):
+    @property
+    def packed(self) -> bool:
+        return self.model.packed
+
+    def __call__(self, batch: Batch, at: torch.Tensor | None = None):
         with adapters_off(self.model.lm):
-            return self.model(batch, with_values=False)[0]
+            return self.model(batch, with_values=False, at=at)[0]
 
 
 class RewardModel(nn.Module):

@@ -35,8 +35,8 @@ from transformers import AutoTokenizer
 
 from fastppo import distributed, rewards, rollout, run
 from fastppo.config import PPOConfig
-from fastppo.data import (Batch, encode_prompts, limit_prompts, micro_batches, read_jsonl,
-                          special_ids)
+from fastppo.data import (Batch, ResponseTokens, encode_prompts, limit_prompts, micro_batches,
+                          read_jsonl, special_ids)
 from fastppo.kernels import gae, group_advantages, kl_rewards, masked_whiten, reward_to_go
 from fastppo.metrics import peak_memory_mib, plot, reset_peak_memory
 from fastppo.models import (ActorCritic, AdaptersOff, PolicyLM, eval_mode, load_lm,
@@ -188,19 +188,23 @@ def rollout_forward(model, reference, score, batch: Batch, order, cfg, sampling:
     for idx in (part for i in range(0, B, cfg.mini_batch_size)
                 for part in split(batch, order[i:i + cfg.mini_batch_size], cfg)):
         mb = batch.select(idx)
+        tokens = ResponseTokens(mb.response_mask, model.packed)  # packed: the response tokens only
         with precision(cfg.device, cfg.dtype):  # as in training: the same logits, bit for bit
-            states, v = model(mb, with_values=critic)
-            old_logprobs[idx] = model.head.logprobs(states, mb.labels,
-                                                    temperature=sampling.temperature, **truncation)
+            states, v = model(mb, with_values=critic, at=tokens.at)
+            labels = tokens.take(mb.labels)
+            old_logprobs[idx] = tokens.put(model.head.logprobs(
+                states, labels, temperature=sampling.temperature, **truncation))
             if truncated:
-                plain_logprobs[idx] = model.head.logprobs(states, mb.labels,
-                                                          temperature=sampling.temperature)
+                plain_logprobs[idx] = tokens.put(model.head.logprobs(
+                    states, labels, temperature=sampling.temperature))
             if critic:
-                values[idx] = v
+                values[idx] = tokens.put(v)
         t0 = time.perf_counter()
+        tokens = ResponseTokens(mb.response_mask, reference.packed)
         with precision(cfg.device, cfg.dtype):
-            ref_logprobs[idx] = reference.head.logprobs(reference(mb), mb.labels,
-                                                        temperature=sampling.temperature)
+            ref_logprobs[idx] = tokens.put(reference.head.logprobs(
+                reference(mb, at=tokens.at), tokens.take(mb.labels),
+                temperature=sampling.temperature))
         t1 = time.perf_counter()
         scores[idx], mb_errors = score(mb, idx.tolist())
         errors += mb_errors
@@ -269,27 +273,31 @@ def ppo_epochs(model, optimizer, batch: Batch, epoch_orders, cfg: PPOConfig, opt
                 for idx in split(batch, rows, cfg):
                     mb = batch.select(idx)
                     micro_tokens.append(int(mb.attention_mask.sum()))
-                    t = mb.per_token
+                    # packed, token-mean: the LM head and the loss on the loss's tokens alone (a
+                    # response-mean needs the (B, R) rows)
+                    on = ResponseTokens(mb.response_mask, model.packed and by_tokens)
+                    t = {k: on.take(v) for k, v in mb.per_token.items()}
                     # the loss is a sum over my tokens (token-mean), or a mean over my responses
                     mine_of_total = (1.0, tokens) if by_tokens else (mb.response_mask.any(-1).sum(),
                                                                      responses)
                     tensors = dict(sampler_logprobs=None if cfg.tis_cap is None
-                                   else mb.sampler_logprobs)
+                                   else on.take(mb.sampler_logprobs))
                     if critic:
                         tensors.update(old_values=t["old_values"], returns=t["returns"])
                     if cfg.kl_in_loss:
                         tensors.update(ref_logprobs=t["ref_logprobs"])
+                    mask = on.take(mb.response_mask)
                     with precision(cfg.device, cfg.dtype):  # bf16 matmuls; the loss in float32
-                        states, values = model(mb, with_values=critic)  # logits, or hidden states
-                        out = model.head.ppo_loss(states, mb.responses, t["old_logprobs"],
-                                                  t["advantages"], mb.response_mask, values=values,
-                                                  **options, **tensors)
+                        states, values = model(mb, with_values=critic, at=on.at)  # logits or hidden
+                        out = model.head.ppo_loss(states, on.take(mb.responses), t["old_logprobs"],
+                                                  t["advantages"], mask, values=values, **options,
+                                                  **tensors)
                     if first_ratio_error is None:  # rollout/training agreement: ratio must be 1
                         with torch.no_grad(), precision(cfg.device, cfg.dtype):
-                            lp = model.head.logprobs(states.detach(), mb.labels,
+                            lp = model.head.logprobs(states.detach(), on.take(mb.labels),
                                                      temperature=options["temperature"],
                                                      top_k=options["top_k"], top_p=options["top_p"])
-                            ratio = torch.exp(lp - t["old_logprobs"])[mb.response_mask]
+                            ratio = torch.exp(lp - t["old_logprobs"])[mask]
                             errors.append((ratio - 1).abs().max().item() if ratio.numel() else 0.0)
                     mine = mb.response_mask.sum()
                     if out.outside_kept is not None:

@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from fastppo import distributed, run
 from fastppo.config import SFTConfig
-from fastppo.data import (encode_prompts, encode_responses, limit_prompts, pack, read_jsonl,
-                          special_ids)
+from fastppo.data import (ResponseTokens, encode_prompts, encode_responses, limit_prompts, pack,
+                          read_jsonl, special_ids)
 from fastppo.metrics import plot
 from fastppo.models import PolicyLM, load_lm, precision, save_model
 from fastppo.prepare import prepare
@@ -41,8 +41,9 @@ def train_sft(cfg: SFTConfig) -> Path:
                      pad).to(cfg.device)
         tokens = batch.response_mask.sum()  # the global batch's; each rank sums its share of them
         mb = batch.select(distributed.my_rows(torch.arange(cfg.batch_size)))
-        with precision(cfg.device, cfg.dtype):  # bf16 matmuls; log-probs in float32
-            logprobs = policy.head.logprobs(policy(mb), mb.labels)  # from logits or hidden states
+        on = ResponseTokens(mb.response_mask, policy.packed)  # packed: the response tokens only
+        with precision(cfg.device, cfg.dtype):  # bf16 matmuls; log-probs in float32, from logits
+            logprobs = policy.head.logprobs(policy(mb, at=on.at), on.take(mb.labels))  # or hidden
         loss = distributed.share_of_mean(-logprobs.sum(), tokens)
         loss_value = run.step(optimizer, loss, cfg.out, what="SFT", at=f"step {step}")
         log.write({"step": step, "loss": loss_value.item(),

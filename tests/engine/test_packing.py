@@ -189,6 +189,46 @@ def test_lora_packed_equals_padded():
     assert g0 and all(torch.allclose(g1[k], g0[k], **F32_GRAD) for k in g0)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused-head"])
+def test_response_tokens_alone_equal_the_grid(fused):
+    """Packed, the LM head and the loss run on the response tokens alone (ResponseTokens): the
+    log-probs, values, token-mean loss and gradients of the (B, R) grid."""
+    from fastppo.data import ResponseTokens
+
+    lm = tiny_lm(11)
+    model = ActorCritic(lm)
+    torch.nn.init.normal_(model.value_head.weight, std=0.1)
+    model.head, model.packed = TokenHead(lm, fused), True
+    batch = ragged_batch(12)
+    mask = batch.response_mask
+    advantages = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2)) * mask
+
+    def call(compact):
+        on = ResponseTokens(mask, compact)
+        model.zero_grad()
+        states, values = model(batch, at=on.at)
+        lp = model.head.logprobs(states.detach(), on.take(batch.labels))  # laid out as `on` says
+        out = model.head.ppo_loss(states, on.take(batch.responses), lp - 0.05,
+                                  on.take(advantages), on.take(mask), values=values,
+                                  old_values=on.take(advantages), returns=on.take(advantages * 2),
+                                  reduction="sum")
+        out.loss.backward()
+        return (on.put(lp), on.put(values.detach()), out.loss.detach(),
+                {k: p.grad.clone() for k, p in model.named_parameters()})
+    (lp0, v0, l0, g0), (lp1, v1, l1, g1) = call(False), call(True)
+    assert states_shape_is_compact(model, batch, mask)
+    torch.testing.assert_close(lp1[mask], lp0[mask], **F32)
+    torch.testing.assert_close(v1[mask], v0[mask], **F32)
+    torch.testing.assert_close(l1, l0, **F32)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], **F32_GRAD, msg=k)
+
+
+def states_shape_is_compact(model, batch, mask):
+    states, values = model(batch, at=mask)
+    return states.shape[0] == values.shape[0] == int(mask.sum()) < mask.numel()
+
+
 def test_hidden_at_one_column_per_row():
     lm = tiny_lm(8)
     batch = ragged_batch(9)

@@ -354,7 +354,9 @@ def _check_trainer(cfg, *paths: str, counts: tuple[str, ...] = ()) -> None:
 @dataclass
 class SFTConfig(TrainerOptions, ModelOptions):
     data: str
-    """JSONL file of {"prompt", "response"} rows."""
+    """{"prompt", "response"} rows, or {"messages": [...]} conversations (rendered with the
+    tokenizer's chat template; trained on the assistant turns only): JSONL, Parquet or a saved
+    `datasets` directory."""
     model: str
     """A Hugging Face causal-LM directory to fine-tune (with its tokenizer)."""
     steps: int = 300
@@ -373,7 +375,8 @@ class RMConfig(TrainerOptions, ModelOptions):
     """The reward model: its checkpoint is a one-label AutoModelForSequenceClassification
     directory."""
     data: str
-    """JSONL file of {"prompt", "chosen", "rejected"} rows."""
+    """{"prompt", "chosen", "rejected"} rows (JSONL, Parquet or a saved `datasets` directory); the
+    prompt may be chat messages, chosen/rejected then the assistant's reply (text or messages)."""
     model: str
     """The SFT checkpoint whose backbone the reward model starts from."""
     steps: int = 300
@@ -397,7 +400,8 @@ class PPOConfig(TrainerOptions, ModelOptions, VLLMOptions):
                                 "fastppo.rollout.uniforms)")
 
     prompts: str
-    """JSONL file of {"prompt"} rows."""
+    """{"prompt"} rows (JSONL, Parquet or a saved `datasets` directory): text, or chat messages
+    rendered with the policy tokenizer's chat template; with env, each row goes to its reset."""
     policy: str
     """The SFT checkpoint: the initial policy and the frozen reference."""
     reward_model: str | None = None
@@ -413,6 +417,27 @@ class PPOConfig(TrainerOptions, ModelOptions, VLLMOptions):
     reward_fn_error_value: float | None = None
     """A row on which reward_fn raises, or returns NaN or inf, gets this reward and is counted
     (metric reward_fn_errors); None: such a row stops the run, naming the function and the row."""
+    env: str | None = None
+    """Multi-turn episodes with an environment, "module:factory": factory() builds one per episode,
+    with reset(row) -> first observation (text or chat messages) and step(turn) -> (observation,
+    reward, done) (fastppo/episodes.py). Its rewards go on each turn's last token, added to the
+    reward model's and reward_fn's score. The loss covers the model's own tokens only."""
+    tools: str | None = None
+    """Multi-turn episodes with tools: "module:function[,module:function...]", plain functions with
+    type hints and a docstring, offered through the chat template's tool schema; the model's
+    <tool_call> blocks run (tool_timeout) and their results come back as tool messages, until a turn
+    calls none. Needs a tokenizer with a chat template. Not with env."""
+    max_turns: int = 4
+    """Model turns per episode at most (env or tools)."""
+    max_episode_tokens: int = 256
+    """Tokens after the prompt per episode at most, the model's and the environment's (env or
+    tools): an episode whose next observation and a turn of max_new_tokens would not fit ends there,
+    whole, marked truncated. Longest prompt + max_episode_tokens must fit the policy's context."""
+    tool_timeout: float = 10.0
+    """Seconds a tool call may run; past it the call's result is an error message (counted)."""
+    strict_env: bool = False
+    """Stop the run with one line when the environment raises (default: the episode ends there and
+    is counted in env_errors; tool failures are always messages to the model)."""
     samples_per_prompt: int = 1
     """Responses sampled per prompt: a rollout is batch_size / samples_per_prompt prompts, each
     repeated samples_per_prompt times in consecutive rows (a group)."""
@@ -494,6 +519,15 @@ class PPOConfig(TrainerOptions, ModelOptions, VLLMOptions):
     batch_size: int = 64
     save_every: int = 10
 
+    @property
+    def tool_specs(self) -> list[str]:
+        return [t.strip() for t in str(self.tools).split(",")] if self.tools else []
+
+    @property
+    def episodic(self) -> bool:
+        """Multi-turn episodes (env or tools) rather than one response per prompt."""
+        return bool(self.env or self.tools)
+
     def check(self) -> "PPOConfig":
         _check_trainer(self, "prompts", "policy", "reward_model", counts=(
             "iterations", "mini_batch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"))
@@ -509,8 +543,23 @@ class PPOConfig(TrainerOptions, ModelOptions, VLLMOptions):
         _in(self, "top_p", 0, 1, low_open=True)
         if self.tis_cap is not None:
             _in(self, "tis_cap", 0, low_open=True)
-        _require(bool(self.reward_model) or bool(self.reward_fn),
-                 "give reward_model, reward_fn or both: nothing scores the responses")
+        _require(bool(self.reward_model) or bool(self.reward_fn) or bool(self.env),
+                 "give reward_model, reward_fn, env or several: nothing scores the responses")
+        _require(not (self.env and self.tools), "give env or tools, not both (an environment can "
+                 "call tools itself)")
+        specs = [("env", self.env)] if self.env else []
+        for name, value in specs + [(f"tools[{i}]", t) for i, t in enumerate(self.tool_specs)]:
+            _require(bool(REWARD_FN_SPEC.match(str(value))),
+                     f"{name} must be 'module:function'; got {value!r}")
+        if self.episodic:
+            _require(not self.truncate_prompts, "truncate_prompts does not apply to episodes (env "
+                     "or tools): their first observations come from the environment; shorten them "
+                     "there")
+            _in(self, "max_turns", 1)
+            _in(self, "tool_timeout", 0, low_open=True)
+            _require(self.max_episode_tokens >= self.max_new_tokens,
+                     f"max_episode_tokens ({self.max_episode_tokens}) must be >= max_new_tokens "
+                     f"({self.max_new_tokens}): the first turn must fit")
         if self.reward_fn is not None:
             _require(bool(REWARD_FN_SPEC.match(str(self.reward_fn))),
                      f"reward_fn must be 'module:function'; got {self.reward_fn!r}")

@@ -1,6 +1,9 @@
 """JSONL data in the usual conventions, and the one token layout every trainer uses.
 
-SFT rows are {"prompt", "response"}, RM rows {"prompt", "chosen", "rejected"}, PPO rows {"prompt"}.
+SFT rows are {"prompt", "response"} or {"messages"} (a conversation), RM rows {"prompt", "chosen",
+"rejected"}, PPO rows {"prompt"}; a PPO or RM prompt may be chat messages [{"role", "content"}, ...]
+(rendered with the tokenizer's chat template; RM's chosen and rejected are then the assistant's reply,
+as text or messages). Files are JSONL, Parquet, or a saved `datasets` directory.
 A sequence is laid out as [left padding | <bos> prompt | response <eos> | right padding]: prompts are
 left-padded to a common length P and responses right-padded to R, so the logits at positions
 P-1 .. P+R-2 predict the response tokens for every row at once.
@@ -19,18 +22,58 @@ FIELDS = {"sft": ("prompt", "response"), "rm": ("prompt", "chosen", "rejected"),
 
 
 def read_jsonl(path, kind: str) -> list[dict]:
-    """Rows of a JSONL file, each an object with the string fields of `kind`; a malformed line is a
-    ValueError naming the file and the line."""
+    """Rows of a data file, each an object with the fields of `kind`: a JSONL file (a malformed line
+    is a ValueError naming the file and the line), a Parquet file (`.parquet`), or a local Hugging
+    Face `datasets` directory (`Dataset.save_to_disk`; of a DatasetDict, its "train" split or its only
+    one). Nothing is downloaded; the last two need the `datasets` package."""
     fields = FIELDS[kind]
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{kind} data file {path} is a directory, not a file")
-    if not path.is_file():
+    if path.is_dir() and not any((path / f).is_file() for f in DATASET_MARKERS):
+        raise ValueError(f"{kind} data file {path} is a directory, not a file (nor a saved `datasets` "
+                         f"directory: no {' or '.join(DATASET_MARKERS)} in it)")
+    if not path.exists():
         raise ValueError(f"{kind} data file {path} does not exist")
     try:
-        return _read_rows(path, kind, fields)
+        if path.is_dir() or path.suffix == ".parquet":
+            rows = [check_row(row, kind, fields, f"{path} row {i}")
+                    for i, row in enumerate(_read_table(path, kind))]
+        else:
+            rows = _read_rows(path, kind, fields)
     except OSError as e:  # permission denied, an I/O error
         raise ValueError(f"{kind} data file {path} is not readable ({e.strerror or e})") from None
+    if not rows:
+        raise ValueError(f"{kind} data file {path} has no rows")
+    return rows
+
+
+DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json")
+
+
+def _read_table(path: Path, kind: str) -> list:
+    """The rows of a Parquet file or a saved `datasets` directory, as Python objects."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{kind} data {path}: reading Parquet or a `datasets` directory needs the "
+                         "datasets package (pip install datasets); JSONL needs nothing") from None
+    try:
+        if path.is_dir():
+            data = datasets.load_from_disk(str(path), keep_in_memory=True)
+            if isinstance(data, datasets.DatasetDict):
+                splits = list(data)
+                if "train" not in data and len(splits) != 1:
+                    raise ValueError(f"{kind} data {path} holds the splits {splits}: save the one "
+                                     "to train on alone, or name one 'train'")
+                data = data["train" if "train" in data else splits[0]]
+            return data.to_list()
+        import pyarrow.parquet
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(f"{kind} data"):
+            raise
+        raise ValueError(f"{kind} data {path} cannot be read as "
+                         f"{'a datasets directory' if path.is_dir() else 'Parquet'}: "
+                         f"{type(e).__name__}: {str(e)[:200]}") from None
 
 
 def _read_rows(path: Path, kind: str, fields: tuple[str, ...]) -> list[dict]:
@@ -53,22 +96,54 @@ def _read_rows(path: Path, kind: str, fields: tuple[str, ...]) -> list[dict]:
                                  f"{sys.getrecursionlimit()} levels deep)") from None
             except ValueError as e:  # an integer of more than 4300 digits
                 raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object with {fields}")
-            for field in fields:
-                if not isinstance(row.get(field), str):
-                    raise ValueError(f"{path}:{number}: field {field!r} must be a string "
-                                     f"(a {kind} row has {', '.join(fields)})")
-                try:  # a "\\ud800" escape decodes to a lone surrogate, which no tokenizer encodes
-                    row[field].encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise ValueError(f"{path}:{number}: field {field!r} is not Unicode text (an "
-                                     f"unpaired surrogate \\u{ord(row[field][e.start]):04x} at "
-                                     f"character {e.start + 1})") from None
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{kind} data file {path} has no rows")
+            rows.append(check_row(row, kind, fields, f"{path}:{number}"))
     return rows
+
+
+def check_row(row, kind: str, fields: tuple[str, ...], where: str) -> dict:
+    """The row, if it has the fields of `kind` (a ValueError saying `where` and what is wrong):
+    strings, or chat messages where a conversation may stand (SFT's "messages"; PPO's and RM's
+    "prompt"; RM's "chosen" and "rejected", as the assistant's messages that follow the prompt)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with {fields}")
+    if kind == "sft" and "messages" in row:  # a conversation: trained on the assistant turns
+        problem = conversation_problem(row["messages"]) if isinstance(
+            row["messages"], list) else "is not a list of messages"
+        if not problem and not any(m["role"] == "assistant" for m in row["messages"]):
+            problem = "has no assistant message to train on"
+        if problem:
+            raise ValueError(f"{where}: field 'messages' {problem}")
+        return row
+    conversational = kind in ("ppo", "rm") and isinstance(row.get("prompt"), list)
+    for name in fields:
+        if conversational and isinstance(row.get(name), list):
+            problem = conversation_problem(row[name])
+            if problem:
+                raise ValueError(f"{where}: field {name!r} {problem}")
+            continue
+        if not isinstance(row.get(name), str):
+            also = " or chat messages" if conversational else ""
+            raise ValueError(f"{where}: field {name!r} must be a string{also} (a {kind} row has "
+                             f"{', '.join(fields)})")
+        try:  # a "\\ud800" escape decodes to a lone surrogate, which no tokenizer encodes
+            row[name].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where}: field {name!r} is not Unicode text (an "
+                             f"unpaired surrogate \\u{ord(row[name][e.start]):04x} at "
+                             f"character {e.start + 1})") from None
+    return row
+
+
+def conversation_problem(messages) -> str | None:
+    """Why `messages` is not a chat conversation (a non-empty list of {"role": str, "content": str}
+    objects), or None."""
+    if not messages:
+        return "is an empty list of messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+                m.get("content"), str):
+            return f'message {i} must be {{"role": "...", "content": "..."}}; got {str(m)[:80]}'
+    return None
 
 
 def write_jsonl(path, rows: list[dict]) -> None:
@@ -140,6 +215,8 @@ class Batch:
     # Per-response-token tensors (B, R) a trainer attaches to the rows (old log-probs, advantages,
     # ...): select() and to() carry them with the rows.
     per_token: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Per-row (B,) tensors (an episode's turns, whether it was truncated, ...), carried alike.
+    per_row: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def sequences(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> "Batch":
@@ -172,7 +249,24 @@ class Batch:
     def _map(self, f) -> "Batch":
         sampler = None if self.sampler_logprobs is None else f(self.sampler_logprobs)
         return Batch(f(self.input_ids), f(self.attention_mask), f(self.response_mask),
-                     self.prompt_len, sampler, {k: f(v) for k, v in self.per_token.items()})
+                     self.prompt_len, sampler, {k: f(v) for k, v in self.per_token.items()},
+                     {k: f(v) for k, v in self.per_row.items()})
+
+    def widened(self, prompt_len: int, response_len: int, pad_id: int) -> "Batch":
+        """The same rows, prompts left-padded to `prompt_len` and responses right-padded to
+        `response_len` (neither smaller than now)."""
+        left, right = prompt_len - self.prompt_len, response_len - self.response_mask.shape[1]
+        if left < 0 or right < 0:
+            raise ValueError(f"widened: ({prompt_len}, {response_len}) is narrower than the batch's "
+                             f"({self.prompt_len}, {self.response_mask.shape[1]})")
+        def grow(t, fill=0, both=False):
+            out = torch.nn.functional.pad(t.long() if t.dtype == torch.bool else t,
+                                          (left if both else 0, right), value=fill)
+            return out.bool() if t.dtype == torch.bool else out
+        sampler = None if self.sampler_logprobs is None else grow(self.sampler_logprobs)
+        return Batch(grow(self.input_ids, pad_id, True), grow(self.attention_mask, 0, True),
+                     grow(self.response_mask), prompt_len, sampler,
+                     {k: grow(v) for k, v in self.per_token.items()}, dict(self.per_row))
 
     def to(self, device) -> "Batch":
         return self._map(lambda t: t.to(device))
@@ -182,8 +276,10 @@ class Batch:
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-         prompt_len: int | None = None) -> Batch:
-    """Prompts left-padded to `prompt_len` (default: the longest), responses right-padded."""
+         prompt_len: int | None = None, trained: list[list[bool]] | None = None) -> Batch:
+    """Prompts left-padded to `prompt_len` (default: the longest), responses right-padded.
+    trained: which response tokens count (response_mask; default all): a conversation's or an
+    episode's tokens that the model did not write are attended but not trained on."""
     P = max(len(p) for p in prompts)
     if prompt_len is not None:
         if prompt_len < P:
@@ -197,7 +293,10 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
         attn[i, P - len(p):P] = True
         ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
         attn[i, P:P + len(r)] = True
-    return Batch(ids, attn, attn[:, P:].clone(), P)
+    response_mask = attn[:, P:].clone()
+    for i, t in enumerate(trained or []):
+        response_mask[i, :len(t)] = torch.tensor(t, dtype=torch.bool)
+    return Batch(ids, attn, response_mask, P)
 
 
 def pack_prompts(prompts: list[list[int]], pad_id: int, prompt_len: int | None = None) -> Batch:

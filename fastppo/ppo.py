@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from fastppo import distributed, rewards, rollout, run
+from fastppo import distributed, episodes, rewards, rollout, run
 from fastppo.config import PPOConfig
-from fastppo.data import (Batch, ResponseTokens, encode_prompts, limit_prompts, micro_batches,
+from fastppo.data import (Batch, ResponseTokens, limit_prompts, micro_batches,
                           read_jsonl, special_ids)
 from fastppo.kernels import gae, group_advantages, kl_rewards, masked_whiten, reward_to_go
 from fastppo.metrics import peak_memory_mib, plot, reset_peak_memory
@@ -43,7 +43,7 @@ from fastppo.models import (ActorCritic, AdaptersOff, PolicyLM, eval_mode, load_
                             load_reward_model, precision, save_model)
 from fastppo.prepare import freeze_and_shard, prepare
 from fastppo.preflight import (check_fits_context, check_model_dir, check_reward_model_dir,
-                               check_same_tokenizer)
+                               check_same_tokenizer, context_length)
 from fastppo.rollout import Sampling
 
 PLOT_KEYS = ["score_mean", "kl", "reward", "entropy", "value_loss", "clipfrac", "response_length"]
@@ -92,7 +92,9 @@ def make_scorer(cfg: PPOConfig, reward_model, reward_fn, tokenizer):
             return total, 0
         P = mb.prompt_len
         prompt_ids = [ids[keep].tolist() for ids, keep in zip(mb.input_ids[:, :P], mb.attention_mask[:, :P])]
-        response_ids = [ids[keep].tolist() for ids, keep in zip(mb.responses, mb.response_mask)]
+        # everything after the prompt: the response, or the whole episode with its observations
+        response_ids = [ids[keep].tolist() for ids, keep in
+                        zip(mb.responses, mb.attention_mask[:, P:])]
         decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         values, errors = rewards.score(reward_fn, cfg.reward_fn, [decode(p) for p in prompt_ids],
                                        [decode(r) for r in response_ids], prompt_ids, response_ids,
@@ -102,9 +104,10 @@ def make_scorer(cfg: PPOConfig, reward_model, reward_fn, tokenizer):
 
 
 def read_prompts(cfg: PPOConfig):
-    """(tokenizer, encoded prompts, reward function or None), every input and model directory checked
-    before any model is loaded: the data, the policy, the reward model (and its tokenizer), the
-    context, the rollout engine's own checks."""
+    """(tokenizer, encoded prompts, reward function or None, data rows, episodes' environment
+    factory and renderer or None), every input and model directory checked before any model is
+    loaded: the data, the policy, the reward model (and its tokenizer), the context, the tools or
+    environment, the rollout engine's own checks."""
     rows = read_jsonl(cfg.prompts, "ppo")
     check_model_dir(cfg.policy, "policy")
     if cfg.reward_model:
@@ -113,18 +116,37 @@ def read_prompts(cfg: PPOConfig):
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
     if cfg.reward_model:
         check_same_tokenizer(tokenizer, cfg.reward_model, "reward_model")
-    prompts = limit_prompts(encode_prompts(tokenizer, [r["prompt"] for r in rows]),
-                            cfg.max_prompt_length, cfg.truncate_prompts, tokenizer.bos_token_id)
-    longest = max(len(p) for p in prompts) + cfg.max_new_tokens
+    make_env, renderer = (episodes.environment_factory(cfg, tokenizer) if cfg.episodic
+                          else (None, episodes.Renderer(tokenizer)))
+    if cfg.episodic:  # the first observations, from each row's environment
+        encoded = episodes.first_prompts(cfg, make_env, renderer, rows)
+    else:
+        try:
+            encoded = [renderer.prompt(r["prompt"]) for r in rows]
+        except ValueError as err:
+            raise ValueError(f"prompts {cfg.prompts}: {err}") from None
+    prompts = limit_prompts(check_encoded(encoded, rows), cfg.max_prompt_length,
+                            cfg.truncate_prompts, tokenizer.bos_token_id)
+    after = cfg.max_episode_tokens if cfg.episodic else cfg.max_new_tokens
+    what = "max_episode_tokens" if cfg.episodic else "max_new_tokens"
+    longest = max(len(p) for p in prompts) + after
     for path in (cfg.policy, cfg.reward_model):
         if path:
-            check_fits_context(path, longest, "the longest prompt + max_new_tokens")
+            check_fits_context(path, longest, f"the longest prompt + {what}")
     if cfg.max_tokens_per_micro_batch and longest > cfg.max_tokens_per_micro_batch:
         raise ValueError(f"max_tokens_per_micro_batch={cfg.max_tokens_per_micro_batch} is less than "
-                         f"the longest prompt + max_new_tokens ({longest} tokens): a sequence must "
+                         f"the longest prompt + {what} ({longest} tokens): a sequence must "
                          "fit one micro-batch")
     rollout.preflight(cfg)  # before any model is loaded
-    return tokenizer, prompts, reward_fn
+    return tokenizer, prompts, reward_fn, rows, (make_env, renderer) if cfg.episodic else None
+
+
+def check_encoded(encoded: list[list[int]], rows: list[dict]) -> list[list[int]]:
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} ({rows[empty[0]]['prompt']!r}) encodes to no tokens; "
+                         "a response needs at least one prompt token to follow")
+    return encoded
 
 
 def build_models(cfg: PPOConfig, eos: int):
@@ -177,6 +199,7 @@ def rollout_forward(model, reference, score, batch: Batch, order, cfg, sampling:
     with per-token old_logprobs, plain_logprobs, old_values, ref_logprobs, and (scores, reward_fn
     errors, timings)."""
     B, R = batch.response_mask.shape
+    episodic = "turn_rewards" in batch.per_token  # environment tokens between the model's turns
     truncation = dict(top_k=sampling.top_k, top_p=sampling.top_p)
     truncated = bool(sampling.top_k) or sampling.top_p < 1.0
     old_logprobs = torch.zeros(B, R, device=cfg.device)
@@ -188,7 +211,8 @@ def rollout_forward(model, reference, score, batch: Batch, order, cfg, sampling:
     for idx in (part for i in range(0, B, cfg.mini_batch_size)
                 for part in split(batch, order[i:i + cfg.mini_batch_size], cfg)):
         mb = batch.select(idx)
-        tokens = ResponseTokens(mb.response_mask, model.packed)  # packed: the response tokens only
+        # packed, or an episode: the LM head runs on the model's tokens only
+        tokens = ResponseTokens(mb.response_mask, model.packed or episodic)
         with precision(cfg.device, cfg.dtype):  # as in training: the same logits, bit for bit
             states, v = model(mb, with_values=critic, at=tokens.at)
             labels = tokens.take(mb.labels)
@@ -200,7 +224,7 @@ def rollout_forward(model, reference, score, batch: Batch, order, cfg, sampling:
             if critic:
                 values[idx] = tokens.put(v)
         t0 = time.perf_counter()
-        tokens = ResponseTokens(mb.response_mask, reference.packed)
+        tokens = ResponseTokens(mb.response_mask, reference.packed or episodic)
         with precision(cfg.device, cfg.dtype):
             ref_logprobs[idx] = tokens.put(reference.head.logprobs(
                 reference(mb, at=tokens.at), tokens.take(mb.labels),
@@ -260,6 +284,7 @@ def ppo_epochs(model, optimizer, batch: Batch, epoch_orders, cfg: PPOConfig, opt
     rounding, the tokens of each micro-batch)."""
     stats, outside_train, first_ratio_error, micro_tokens = [], [], None, []
     by_tokens = cfg.loss_reduction == "token-mean"
+    episodic = "turn_rewards" in batch.per_token
     for order in epoch_orders:
         for i in range(0, cfg.batch_size, cfg.mini_batch_size):
             rows = order[i:i + cfg.mini_batch_size]
@@ -275,7 +300,7 @@ def ppo_epochs(model, optimizer, batch: Batch, epoch_orders, cfg: PPOConfig, opt
                     micro_tokens.append(int(mb.attention_mask.sum()))
                     # packed, token-mean: the LM head and the loss on the loss's tokens alone (a
                     # response-mean needs the (B, R) rows)
-                    on = ResponseTokens(mb.response_mask, model.packed and by_tokens)
+                    on = ResponseTokens(mb.response_mask, (model.packed or episodic) and by_tokens)
                     t = {k: on.take(v) for k, v in mb.per_token.items()}
                     # the loss is a sum over my tokens (token-mean), or a mean over my responses
                     mine_of_total = (1.0, tokens) if by_tokens else (mb.response_mask.any(-1).sum(),
@@ -331,7 +356,7 @@ def ppo_epochs(model, optimizer, batch: Batch, epoch_orders, cfg: PPOConfig, opt
 
 def metrics_row(cfg: PPOConfig, iteration: int, batch: Batch, loss_mask, outside, token_rewards,
                 scores, kl_coef, critic, mean, first_ratio_error, reward_fn_errors, times,
-                memory_at_start, micro_tokens) -> dict:
+                memory_at_start, micro_tokens, outcomes) -> dict:
     """The iteration's row of metrics.jsonl (docs/engine.md says what each means). kl is
     kl_truncation + kl_untruncated: with top-k/top-p the policy that samples is the truncated one and
     the reference the full distribution, so kl starts at the kept mass's -log before any update."""
@@ -370,13 +395,28 @@ def metrics_row(cfg: PPOConfig, iteration: int, batch: Batch, loss_mask, outside
         "outside_kept_train": mean["outside_kept_train"],
         "kl_truncation": per_row(torch.where(outside, 0.0, old - plain)),
         "kl_untruncated": per_row(torch.where(outside, old - ref, plain - ref)),
+        **episode_metrics(batch, outcomes),
     }
+
+
+def episode_metrics(batch: Batch, outcomes: dict) -> dict:
+    """Multi-turn episodes (env or tools): turns per episode, the environment's reward, the share of
+    episode tokens the model wrote, the fraction of episodes truncated, and the outcome counts of
+    fastppo.episodes (tool calls, tool errors and timeouts, malformed calls, environment errors)."""
+    if "turns" not in batch.per_row:
+        return {}
+    region = batch.attention_mask[:, batch.prompt_len:]
+    return {"turns_per_episode": batch.per_row["turns"].mean().item(),
+            "env_reward": batch.per_row["env_reward"].mean().item(),
+            "model_token_fraction": (batch.response_mask.sum() / region.sum().clamp(min=1)).item(),
+            "truncated_fraction": batch.per_row["truncated"].mean().item(),
+            **{k: v for k, v in outcomes.items() if k != "truncated"}}
 
 
 @run.owns_output  # cfg.out: checked, locked for this run, resume/overwrite handled, config.yaml saved
 def train_ppo(cfg: PPOConfig) -> Path:
     """Returns the final checkpoint directory (the policy as a Hugging Face directory + value head)."""
-    tokenizer, prompts, reward_fn = read_prompts(cfg)
+    tokenizer, prompts, reward_fn, rows, episodic = read_prompts(cfg)
     pad, eos = special_ids(tokenizer)
     generator = run.setup(cfg.seed, cfg.device)
     model, reference, reward_model, optimizer = build_models(cfg, eos)
@@ -384,8 +424,11 @@ def train_ppo(cfg: PPOConfig) -> Path:
     critic = cfg.advantage_estimator == "gae"  # the others neither run nor train the value head
     # The engine samples from the live policy (or a synced copy); the trainer scores its samples
     # under the engine's own distribution (temperature, top-k/p), so the two cannot disagree.
+    after = cfg.max_episode_tokens if cfg.episodic else cfg.max_new_tokens
     engine = rollout.make(cfg, model, eos_id=eos, pad_id=pad,
-                          max_model_len=max(len(p) for p in prompts) + cfg.max_new_tokens)
+                          max_model_len=max(len(p) for p in prompts) + after)
+    limits = episodes.Limits(cfg.max_turns, cfg.max_new_tokens, cfg.max_episode_tokens,
+                             cfg.strict_env, context_length(model.lm.config))
     sampling = engine.sampling
     saved, log, progress = run.begin(cfg, model, optimizer, generator, name="ppo",
                                      total=cfg.iterations, iteration=int, kl_coef=float)
@@ -402,8 +445,14 @@ def train_ppo(cfg: PPOConfig) -> Path:
         pick = pick.repeat_interleave(k).tolist()
         engine.sync(model)  # the trained weights into the engine (nothing for the built-in one)
         t_sync = time.perf_counter()
+        outcomes = {}
         with distributed.gathered(model), precision(cfg.device, cfg.dtype):
-            batch = rollout.collect(engine, [prompts[i] for i in pick], iteration)
+            if episodic:  # multi-turn: the model's turns, the environment's replies between them
+                batch, outcomes = episodes.collect(engine, episodic[1], episodic[0],
+                                                   [rows[i] for i in pick], iteration, limits,
+                                                   cfg.device)
+            else:
+                batch = rollout.collect(engine, [prompts[i] for i in pick], iteration)
         t_generate = time.perf_counter()
         mask = batch.response_mask
 
@@ -425,6 +474,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
         token_rewards = kl_rewards(old_logprobs, t["ref_logprobs"], scores, mask,
                                    kl_coef=0.0 if cfg.kl_in_loss else kl_coef,
                                    estimator=cfg.kl_estimator)
+        if "turn_rewards" in t:  # the environment's, on each turn's last token
+            token_rewards = token_rewards + t["turn_rewards"]
         advantages, returns = estimate_advantages(cfg, token_rewards, t["old_values"], mask)
         batch = batch.with_tokens(old_logprobs=old_logprobs, advantages=advantages,
                                   **({"returns": returns} if critic else {}))
@@ -439,7 +490,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
         row = metrics_row(cfg, iteration, batch, loss_mask, outside, token_rewards, scores, kl_coef,
                           critic, mean, first_ratio_error, reward_fn_errors,
                           (t_start, t_sync, t_generate, t_end, timings), memory_at_start,
-                          micro_tokens)
+                          micro_tokens, outcomes)
         log.write(row)
         progress.set_postfix(score=f"{row['score_mean']:+.3f}", kl=f"{row['kl']:.3f}",
                              clipfrac=f"{row['clipfrac']:.3f}")

@@ -25,10 +25,11 @@ from pathlib import Path
 from fastppo.config import REWARD_FN_SPEC
 
 
-def load(spec: str):
-    """The callable named by "module:function" (an error naming the spec when it cannot be found)."""
+def load(spec: str, what: str = "reward_fn"):
+    """The callable named by "module:function" (an error naming `what` and the spec when it cannot
+    be found): reward functions, tools, environment factories."""
     if not isinstance(spec, str) or not REWARD_FN_SPEC.match(spec):
-        raise ValueError(f"reward_fn must be 'module:function' (e.g. 'my_rewards:exact_match'); "
+        raise ValueError(f"{what} must be 'module:function' (e.g. 'my_rewards:exact_match'); "
                          f"got {spec!r}")
     module_name, name = spec.split(":")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
@@ -36,10 +37,10 @@ def load(spec: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({err})") from err
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({err})") from err
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ValueError(f"reward_fn {spec!r}: module {module_name!r} has no function {name!r}")
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no function {name!r}")
     return fn
 
 

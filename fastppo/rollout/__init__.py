@@ -67,13 +67,15 @@ class Rollout(Protocol):
         ...
 
     def generate(self, prompts: list[list[int]], *, iteration: int = 0,
-                 rows: torch.Tensor | None = None, prompt_len: int | None = None) -> Batch:
+                 rows: torch.Tensor | None = None, prompt_len: int | None = None,
+                 turn: int = 0) -> Batch:
         """Responses for `prompts` (token ids, as the tokenizer encodes them), packed with them into
         one Batch (prompts left-padded to `prompt_len` or their longest, right-padded responses,
         tokens after EOS masked out) on the training device, with `sampler_logprobs`. `rows` are the
         prompts' places in the iteration's global batch (default 0, 1, ...): an engine draws a row's
-        tokens from (its seed, iteration, row) alone, so a batch split over devices samples what one
-        device would."""
+        tokens from (its seed, iteration, row, turn) alone, so a batch split over devices samples
+        what one device would. `turn`: the episode's turn (fastppo.episodes), whose prompt is the
+        episode so far as ids, continued as they are."""
         ...
 
 
@@ -104,15 +106,21 @@ def collect(engine: Rollout, prompts: list[list[int]], iteration: int) -> Batch:
     P = max(len(p) for p in prompts)
     local = engine.generate([prompts[i] for i in rows.tolist()], iteration=iteration, rows=rows,
                             prompt_len=P)
+    return gather_batch(local, engine.sampling.max_new_tokens, engine.pad_id)
+
+
+def gather_batch(local: Batch, longest: int, pad_id: int) -> Batch:
+    """Every rank's rows of a rollout (responses of at most `longest` tokens) as the global batch,
+    in rank order: each rank's prompts left-padded to the widest rank's, its responses
+    right-padded to `longest` for the exchange, then trimmed to the longest response of all."""
     if distributed.world() == 1:
         return local
-    longest = engine.sampling.max_new_tokens
-    width = P + longest  # the widest a rank's batch can be; trimmed after the exchange
-    grow = lambda t, fill: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)  # noqa: E731
-    ids = distributed.gather_rows(grow(local.input_ids, engine.pad_id))
-    attention = distributed.gather_rows(grow(local.attention_mask.long(), 0)).bool()
-    sampler = distributed.gather_rows(torch.nn.functional.pad(
-        local.sampler_logprobs, (0, longest - local.sampler_logprobs.shape[1])))
+    P = int(distributed.max_over_ranks(local.prompt_len, local.input_ids.device))
+    local = local.widened(P, longest, pad_id)
+    responses = distributed.gather_rows(local.response_mask.long()).bool()
+    attention = distributed.gather_rows(local.attention_mask.long()).bool()
     R = int(attention[:, P:].any(0).nonzero().max()) + 1 if attention[:, P:].any() else 1
-    return Batch(ids[:, :P + R], attention[:, :P + R], attention[:, P:P + R].clone(), P,
-                 sampler[:, :R])
+    return Batch(distributed.gather_rows(local.input_ids)[:, :P + R], attention[:, :P + R],
+                 responses[:, :R], P, distributed.gather_rows(local.sampler_logprobs)[:, :R],
+                 {k: distributed.gather_rows(v)[:, :R] for k, v in local.per_token.items()},
+                 {k: distributed.gather_rows(v) for k, v in local.per_row.items()})

@@ -90,7 +90,8 @@ def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top
 
 class HFRollout:
     """`generate(prompts, iteration=, rows=) -> Batch` (see fastppo.rollout.Rollout) with the sampler
-    above; row i's uniforms are keyed by (seed, iteration, rows[i], step)."""
+    above; row i's uniforms are keyed by (seed, iteration, rows[i], step), with an episode's turn in
+    the step's high bits (turn 0: the step itself)."""
 
     def __init__(self, lm, sampling: Sampling, *, eos_id: int, pad_id: int, device, seed: int):
         self.lm, self.sampling, self.seed = lm, sampling, seed
@@ -109,11 +110,13 @@ class HFRollout:
         """Nothing: it samples from the live policy's own weights."""
 
     def generate(self, prompts: list[list[int]], *, iteration: int = 0,
-                 rows: torch.Tensor | None = None, prompt_len: int | None = None) -> Batch:
+                 rows: torch.Tensor | None = None, prompt_len: int | None = None,
+                 turn: int = 0) -> Batch:
         s = self.sampling
         rows = torch.arange(len(prompts)) if rows is None else rows
         rows = rows.to(self.device)
         return generate(self.lm, pack_prompts(prompts, self.pad_id, prompt_len).to(self.device),
                         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                         top_p=s.top_p, eos_id=self.eos_id, pad_id=self.pad_id,
-                        uniforms=lambda step: keyed_uniforms(self.seed, iteration, rows, step))
+                        uniforms=lambda step: keyed_uniforms(self.seed, iteration, rows,
+                                                             (turn << 32) + step))

@@ -38,11 +38,12 @@ def keyed_uniforms(seed: int, iteration: int, rows: torch.Tensor, step: int) -> 
     return _shift_right(x, 11).to(torch.float64) * 2.0 ** -53
 
 
-def keyed_seeds(seed: int, iteration: int, rows: torch.Tensor) -> list[int]:
-    """One seed in [0, 2**63) per entry of `rows`, a pure function of (seed, iteration, row): the
-    per-request seed of an engine that draws its own random numbers (vLLM), so that a row samples
-    the same tokens however the batch is split. Keyed apart from the uniforms (step -1)."""
+def keyed_seeds(seed: int, iteration: int, rows: torch.Tensor, turn: int = 0) -> list[int]:
+    """One seed in [0, 2**63) per entry of `rows`, a pure function of (seed, iteration, row, turn):
+    the per-request seed of an engine that draws its own random numbers (vLLM), so that a row
+    samples the same tokens however the batch is split. Keyed apart from the uniforms (step -1 -
+    turn)."""
     x = torch.full_like(rows, seed, dtype=torch.int64)
-    for part in (iteration, rows.to(torch.int64), -1):
+    for part in (iteration, rows.to(torch.int64), -1 - turn):
         x = _mix(x * _GOLDEN + part + _GOLDEN)
     return _shift_right(x, 1).tolist()

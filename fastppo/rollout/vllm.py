@@ -160,13 +160,14 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()  # cached prompts were computed with the old weights
 
     def generate(self, prompts: list[list[int]], *, iteration: int = 0,
-                 rows: torch.Tensor | None = None, prompt_len: int | None = None) -> Batch:
+                 rows: torch.Tensor | None = None, prompt_len: int | None = None,
+                 turn: int = 0) -> Batch:
         s = self.sampling
         rows = torch.arange(len(prompts)) if rows is None else rows.cpu()
         params = [self.SamplingParams(
             temperature=s.temperature, top_k=s.top_k if s.top_k else 0, top_p=s.top_p,
             max_tokens=s.max_new_tokens, stop_token_ids=[self.eos_id], seed=seed, logprobs=0,
-            detokenize=False) for seed in keyed_seeds(self.seed, iteration, rows)]
+            detokenize=False) for seed in keyed_seeds(self.seed, iteration, rows, turn)]
         if self.sleep:
             self.llm.wake_up(tags=["kv_cache"])
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,

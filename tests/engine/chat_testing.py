@@ -1,0 +1,59 @@
+"""Shared by the multi-turn tests: a character-level chat tokenizer (ChatML-like template, tools
+in a system message, <|im_end|> ending every turn and serving as EOS) and a tiny policy saved with it."""
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<|im_end|>", "<|im_start|>"]
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer(merges: bool = False, template: str | None = TEMPLATE) -> PreTrainedTokenizerFast:
+    """One token per character (merges=True: also "ab" as one token, merged from "a" "b": the
+    re-tokenisation trap); the specials as whole tokens."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS + (["ab"] if merges else []))}
+    if merges:
+        core = Tokenizer(models.BPE(vocab, [("a", "b")], unk_token="<unk>"))
+    else:
+        core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                  bos_token="<bos>", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = template
+    return tok
+
+
+def save_policy(directory: Path, tokenizer, seed: int = 0, eos_logit: float = 0.0,
+                **config) -> Path:
+    """A tiny random Llama with `tokenizer`, saved as a Hugging Face directory. eos_logit > 0: EOS
+    gets about that logit at every position (one residual dimension held constant and read by EOS's
+    row of the LM head), so that the random policy ends its turns within a few tokens."""
+    import torch
+
+    from fastppo.models import tiny_llama
+
+    torch.manual_seed(seed)
+    lm = tiny_llama(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    **config)
+    lm.config.max_position_embeddings = 512
+    lm = type(lm)(lm.config)  # rebuilt at the wider context
+    if eos_logit:
+        with torch.no_grad():
+            d = 0  # the residual stream's dimension 0: the same large value at every position
+            lm.model.embed_tokens.weight[:, d] = 10.0
+            for layer in lm.model.layers:  # nothing writes to it
+                layer.self_attn.o_proj.weight[d] = 0.0
+                layer.mlp.down_proj.weight[d] = 0.0
+            # after the final RMSNorm that dimension is about sqrt(hidden)
+            lm.lm_head.weight[tokenizer.eos_token_id, d] = eos_logit / lm.config.hidden_size ** 0.5
+    lm.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)

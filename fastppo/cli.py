@@ -86,7 +86,8 @@ def parser() -> ArgumentParser:
                   exit_on_error=False)
     demo.add_class_arguments(DemoConfig, nested_key=None, as_group=False)
     sub.add_subcommand("demo", demo, help="SFT -> RM -> PPO on 'make the continuation positive' (or --task "
-                       "arithmetic: SFT -> GRPO with a verifier as the reward)")
+                       "arithmetic: SFT -> GRPO with a verifier as the reward; --task tools: GRPO on "
+                       "multi-turn episodes with a calculator tool)")
     return root
 
 

@@ -517,3 +517,43 @@ def test_rm_conversations_are_rendered_whole_and_scored_at_the_reply_end(tmp_pat
     assert 0.0 <= accuracy <= 1.0
     with pytest.raises(ValueError, match="row 0 .chosen.: messages need a chat template"):
         encode_pairs(chat_tokenizer(template=None), rows, cfg)
+
+
+def test_two_ranks_run_the_episodes_of_one_process(chat_run, tmp_path):
+    """torchrun, 2 gloo ranks: each rank runs its own rows' episodes (turns keyed by global row), the
+    episodes are exchanged with their holes, turn rewards and counts; the run equals one process's."""
+    import os
+    import signal
+    import subprocess
+
+    root, policy = chat_run
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"world{world}"
+        launcher = [sys.executable, "-m", "fastppo"] if world == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+            "-m", "fastppo"]
+        command = ["ppo", "--prompts", str(root / "prompts.jsonl"), "--policy", str(policy),
+                   "--env", "envmod_episodes:make", "--out", str(out), "--iterations", "2",
+                   "--batch_size", "4", "--mini_batch_size", "2", "--samples_per_prompt", "2",
+                   "--advantage_estimator", "grpo", "--max_new_tokens", "6", "--max_turns", "3",
+                   "--max_episode_tokens", "48", "--seed", "1", "--lr", "1e-3"]
+        env = dict(os.environ, FASTPPO_COLLECTIVE_TIMEOUT_S="60", OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.Popen(launcher + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks: nothing left behind
+            proc.communicate()
+            raise
+        assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+        runs[world] = metrics(out)
+    for a, b in zip(runs[1], runs[2], strict=True):
+        assert b["first_ratio_max_error"] <= 1e-5 and b["world_size"] == 2
+        for key in ("env_reward", "turns_per_episode", "model_token_fraction", "response_length",
+                    "truncated_fraction", "env_errors"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+        for key in ("policy_loss", "kl", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key

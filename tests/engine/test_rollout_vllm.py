@@ -251,3 +251,65 @@ def test_bad_engine_config(field, value, message):
     cfg = PPOConfig(prompts="p.jsonl", policy="p", reward_model="r")
     with pytest.raises(ValueError, match=message):
         replace(cfg, **{field: value}).check()
+
+
+class Answers:
+    """An environment that answers each turn with three words; four turns at most."""
+
+    def __init__(self):
+        self.turns = 0
+
+    def reset(self, row):
+        return row["prompt"]
+
+    def step(self, turn):
+        self.turns += 1
+        return "the movie was", float(len(turn.split())), self.turns >= 4
+
+
+@needs_vllm
+def test_vllm_episodes_continue_the_sampled_ids_and_score_as_the_trainer(tmp_path):
+    """Multi-turn episodes on vLLM: each turn continues the episode's ids as they are (prompt token
+    ids, not re-rendered text), the sampler's log-prob of every model token is the trainer's forward
+    over the whole episode, the environment's tokens have none, and a split of the rows over two
+    calls (two ranks) samples the same episodes."""
+    from fastppo import episodes
+
+    tokenizer = save_tiny(tmp_path / "policy", spread=1.0)
+    lm = load_lm(tmp_path / "policy")
+    with torch.no_grad():  # EOS at about a third of the tokens: turns end, episodes go on
+        lm.model.embed_tokens.weight[:, 0] = 10.0
+        for layer in lm.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        lm.lm_head.weight[3] = 0.0
+        lm.lm_head.weight[3, 0] = 3.0 / lm.config.hidden_size ** 0.5
+    lm.save_pretrained(tmp_path / "policy")
+    engine = VLLMRollout(tmp_path / "policy", Sampling(max_new_tokens=6), eos_id=3, pad_id=0,
+                         device="cpu", seed=3, dtype="float32", max_model_len=64, max_rows=8)
+    rows = [{"prompt": r["prompt"]} for r in task.ppo_rows(6, 0)]
+    renderer = episodes.Renderer(tokenizer)
+    limits = episodes.Limits(max_turns=4, max_new_tokens=6, max_episode_tokens=40)
+    calls = []
+
+    def generate(contexts, rows, turn):
+        calls.append((contexts, turn))
+        return engine.generate(contexts, iteration=2, rows=rows, turn=turn)
+    run = lambda part: episodes.run_episodes(  # noqa: E731
+        generate, Answers, [rows[i] for i in part], renderer, limits,
+        global_rows=torch.tensor(part), pad_id=0)
+    batch, counts = run(list(range(6)))
+    assert batch.per_row["turns"].max() >= 2 and counts["env_errors"] == 0
+    for contexts, turn in calls[1:]:  # a later turn's context is the episode so far, as ids
+        assert turn > 0 and all(c[:len(p)] == p for c, p in zip(
+            contexts, [renderer.prompt(r["prompt"]) for r in rows]))
+    lp, _ = trainer_logprobs(load_lm(tmp_path / "policy").eval(), batch, 1.0)
+    mask = batch.response_mask
+    assert (~mask & batch.attention_mask[:, batch.prompt_len:]).any()  # environment tokens
+    torch.testing.assert_close(batch.sampler_logprobs[mask], lp[mask], atol=1e-5, rtol=1e-5)
+    assert (batch.sampler_logprobs[~mask] == 0).all()
+    first, second = run([0, 1, 2]), run([3, 4, 5])  # two ranks' shares of the rows
+    for part, offset in ((first[0], 0), (second[0], 3)):
+        for i in range(3):
+            whole = batch.input_ids[offset + i][batch.attention_mask[offset + i]]
+            assert torch.equal(part.input_ids[i][part.attention_mask[i]], whole)

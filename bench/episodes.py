@@ -4,12 +4,13 @@ environment's tokens, side by side.
     python bench/episodes.py [--repeat 3] [--engines hf vllm]
 
 Policy: bench/e2e.py's (Llama-style, hidden 256, 4 layers, vocabulary 32000, random init), with EOS
-given a logit of about +7 at every position (one residual dimension held constant and read by EOS's
+given a logit of up to +9 at every position (one residual dimension held constant and read by EOS's
 row of the LM head, as tests/engine/chat_testing.py does), so that a random policy's turns end at EOS
-after about 11 tokens (p(EOS) about 0.08 a token), as a real model's do.
+after about 9 tokens, as a real model's do (without it, a turn of a random policy over 32000 tokens
+never ends and every episode stops, truncated, after its first turn).
 Episodes: 16 rows of 16 prompt tokens; an environment that answers every turn with a 16-token
 observation (plain text: this tokenizer has no chat template) for up to 4 turns of at most 32 tokens
-(max_episode_tokens 256).
+(max_episode_tokens 224; the policy has 256 positions).
 
 1. Rollout: episodes/s and tokens/s (the model's sampled tokens, and every token of the episodes) of
    each engine, median of `repeat` runs after a warm-up; the single-turn baseline generates the same
@@ -35,6 +36,7 @@ import torch
 
 from common import append_csv, device_name, git_revision, sync, today
 from e2e import workload
+from packing import matmul_gflops
 from fastppo import episodes
 from fastppo.data import ResponseTokens, encode_prompts, read_jsonl
 from fastppo.heads import TokenHead
@@ -43,8 +45,8 @@ from fastppo.models import PolicyLM, load_lm
 from fastppo.rollout import Sampling
 from fastppo.rollout.hf import HFRollout
 
-ROWS, TURNS, TURN_TOKENS, OBSERVATION, EPISODE = 16, 4, 32, 16, 256
-EOS_LOGIT = 7.0
+ROWS, TURNS, TURN_TOKENS, OBSERVATION, EPISODE = 16, 4, 32, 16, 224
+EOS_LOGIT = 9.0
 
 
 class Reply:
@@ -158,9 +160,11 @@ def training_rows(lm, batch, repeat, device):
         for everything in (True, False):
             n = int((batch.attention_mask[:, batch.prompt_len:] if everything
                      else batch.response_mask).sum())
+            head_gflop = 6 * lm.config.hidden_size * lm.config.vocab_size * n / 1e9
             out.append(dict(part="training", engine="-", head="fused" if fused else "logits",
                             workload="head on every episode token" if everything
                             else "head on the model's tokens", head_tokens=n,
+                            head_gflop=f"{head_gflop:.1f}",
                             seconds=f"{statistics.median(times[everything]):.4f}",
                             peak_mib=f"{statistics.median(memory[everything]):.0f}",
                             max_grad_difference=f"{(g0 - g1).abs().max().item():.2e}"))
@@ -175,6 +179,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     rows = []
+    peak = matmul_gflops(args.device)
+    print(f"{device_name(args.device)}: float32 matmul peak {peak:.0f} GFLOP/s (2048^3, same run)")
     with tempfile.TemporaryDirectory() as tmp:
         policy, _, prompts_file = workload(Path(tmp), seed=0)
         ending_policy(policy)
@@ -182,17 +188,16 @@ def main(argv=None):
         tokenizer = AutoTokenizer.from_pretrained(policy)
         data = read_jsonl(prompts_file, "ppo")[:ROWS]
         lm = load_lm(policy, args.device).eval()
-        batch = None
         for kind in args.engines:
             engine = make_engine(kind, policy, lm, TURN_TOKENS, args.device)
-            out, episode_batch = rollout_rows(kind, engine, tokenizer, data, args.repeat,
-                                              args.device)
+            out, batch = rollout_rows(kind, engine, tokenizer, data, args.repeat, args.device)
             rows += out
-            batch = batch or episode_batch
+            if kind == args.engines[0]:  # before vLLM starts its engine process beside this one
+                rows += training_rows(lm.train(), batch, args.repeat, args.device)
+                lm.eval()
             del engine
-        rows += training_rows(lm.train(), batch, args.repeat, args.device)
     common = dict(date=today(), rev=git_revision(), device=device_name(args.device),
-                  torch=torch.__version__, repeat=args.repeat)
+                  torch=torch.__version__, repeat=args.repeat, matmul_peak_gflops=f"{peak:.0f}")
     append_csv("episodes.csv", [{**common, **row} for row in rows])
     return 0
 

@@ -42,6 +42,21 @@ def test_arithmetic_demo_learns_from_a_verifier(tmp_path, seed):
         DemoConfig(task="chess").check()
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tools_demo_learns_to_call_the_calculator(tmp_path, seed):
+    # `fastppo demo --task tools`: GRPO on multi-turn episodes with a tool, rewarded on the final
+    # answer. Measured (2-core AMD EPYC, 2026-12-06), held-out accuracy / tool-call rate:
+    # seed 0 0.445 -> 0.969 / 0.461 -> 1.000; seed 1 0.266 -> 0.828 / 0.352 -> 0.996.
+    summary = demo(DemoConfig(str(tmp_path), seed=seed, task="tools"), quiet=True)
+    assert summary["tool_call_rate_ppo"] - summary["tool_call_rate_sft"] >= 0.25, summary
+    assert summary["accuracy_ppo"] - summary["accuracy_sft"] >= 0.25, summary
+    assert summary["turns_per_episode_ppo"] > summary["turns_per_episode_sft"], summary
+    metrics = [json.loads(line) for line in
+               (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["first_ratio_max_error"] <= 1e-5 and r["env_errors"] == 0 for r in metrics)
+    assert metrics[-1]["tool_calls"] > metrics[0]["tool_calls"]
+
+
 def test_checkpoints_load_with_transformers(small_run):
     # the policies as causal LMs (PPO's value head beside), the reward model as a sequence
     # classifier (tests/engine/test_reward_models.py checks its scores)

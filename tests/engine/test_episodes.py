@@ -463,7 +463,7 @@ def test_sft_run_on_messages_logs_the_hand_masked_loss(tmp_path):
 # ---------------------------------------------------------- conversations as data: files, RM pairs
 
 
-def test_parquet_and_datasets_directories_read_as_jsonl(tmp_path):
+def test_parquet_and_datasets_directories_read_as_jsonl(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     from fastppo.data import read_jsonl, write_jsonl
 
@@ -490,6 +490,9 @@ def test_parquet_and_datasets_directories_read_as_jsonl(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="is a directory, not a file"):
         read_jsonl(tmp_path / "empty", "ppo")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(ValueError, match=r"needs the datasets package \(pip install datasets\)"):
+        read_jsonl(tmp_path / "pairs.parquet", "rm")
 
 
 def test_rm_conversations_are_rendered_whole_and_scored_at_the_reply_end(tmp_path):
@@ -557,3 +560,32 @@ def test_two_ranks_run_the_episodes_of_one_process(chat_run, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
         for key in ("policy_loss", "kl", "entropy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(tools="envmod_episodes:add"), "give env or tools, not both"),
+    (dict(env="no colon"), "env must be 'module:function'"),
+    (dict(env=None, tools="m:f, bad", reward_fn="m:r"), r"tools\[1\] must be 'module:function'"),
+    (dict(max_episode_tokens=4), r"max_episode_tokens \(4\) must be >= max_new_tokens \(6\)"),
+    (dict(truncate_prompts=True, max_prompt_length=8), "truncate_prompts does not apply to episodes"),
+    (dict(max_turns=0), "max_turns"),
+    (dict(tool_timeout=0.0), "tool_timeout"),
+])
+def test_episode_configs_that_cannot_work_are_refused_by_field(chat_run, overrides, message):
+    root, policy = chat_run
+    with pytest.raises(ValueError, match=message):
+        episode_config(root, policy, "refused", **overrides)
+
+
+def test_an_environment_that_cannot_start_stops_the_run_naming_it(chat_run, monkeypatch, tmp_path):
+    from fastppo.ppo import train_ppo
+
+    root, policy = chat_run
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "envmod_broken.py").write_text(
+        "class Broken:\n    def reset(self, row):\n        raise KeyError(row['prompt'])\n"
+        "    def step(self, turn):\n        return None, 0.0, True\n")
+    with pytest.raises(ValueError, match=r"row 0: environment reset raised KeyError"):
+        train_ppo(episode_config(root, policy, "broken", env="envmod_broken:Broken"))
+    with pytest.raises(ValueError, match="env.*envmod_missing"):
+        train_ppo(episode_config(root, policy, "missing", env="envmod_missing:make"))

@@ -221,7 +221,7 @@ class Renderer:
         if self.tools and not self.chat:
             raise ValueError(f"tools need a chat template to be offered to the model; the tokenizer "
                              f"of {tokenizer.name_or_path} has none")
-        self._glue = self._turn_end() if self.chat else None
+        self._glue = None  # where observations start after a turn: found on first use (_turn_end)
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False,
@@ -305,6 +305,8 @@ class Renderer:
             return self.ids(obs)
         messages = [{"role": "user", "content": obs}] if isinstance(obs, str) else obs
         check_messages(messages, "observation")
+        if self._glue is None:
+            self._glue = self._turn_end()
         base = [{"role": "user", "content": "."}, {"role": "assistant", "content": _SENTINEL}]
         before, after = self.render(base, False), self.render(base + messages, True)
         if not after.startswith(before[:self._glue]):
@@ -491,6 +493,9 @@ def environment_factory(cfg, tokenizer) -> tuple[Callable[[], Any], Renderer]:
     if cfg.tools:
         tools = load_tools(cfg.tool_specs)
         renderer = Renderer(tokenizer, tool_schemas(list(tools.values())))
-        return (lambda: ToolEnvironment(tools, cfg.tool_timeout)), renderer
-    factory = rewards.load(cfg.env, what="env")
-    return factory, Renderer(tokenizer)
+        make = lambda: ToolEnvironment(tools, cfg.tool_timeout)  # noqa: E731
+    else:
+        make, renderer = rewards.load(cfg.env, what="env"), Renderer(tokenizer)
+    if renderer.chat:  # episodes need the turn's end to be the EOS the model stops at: checked now
+        renderer._glue = renderer._turn_end()
+    return make, renderer

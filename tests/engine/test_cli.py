@@ -56,12 +56,13 @@ BAD_INPUT = [
     (["rm", "--data", "missing.jsonl", "--model", "m"], "rm data file missing.jsonl does not exist"),
     (["demo", "--ppo_iterations", "0"], "ppo_iterations must be >= 1; got 0"),
     (["demo", "--task", "chess"],
-     "fastppo demo: error: Parser key \"task\": Expected a typing.Literal['sentiment', 'arithmetic']"),
+     "fastppo demo: error: Parser key \"task\": Expected a typing.Literal['sentiment', 'arithmetic', "
+     "'tools']"),
     (["ppo", "--prompts", "p", "--policy", "x", "--reward_model", "y", "--rollout_engine", "x"],
      "fastppo ppo: error: Parser key \"rollout_engine\": Expected a typing.Literal['hf', 'vllm']. "
      "Got value: x"),
     (["sft", "--data", "d", "--model", "m", "--dtype", "fp16"], 'Parser key "dtype"'),
-    (["ppo", "--prompts", "p", "--policy", "x"], "give reward_model, reward_fn or both"),
+    (["ppo", "--prompts", "p", "--policy", "x"], "give reward_model, reward_fn, env or several"),
     (["sft", "--config", "c.yaml"], "learning_rate"),  # an unknown key in a YAML config
 ]
 

@@ -271,8 +271,9 @@ def test_renderer_refuses_what_it_cannot_render():
         Renderer(plain, tool_schemas([add]))
     assert Renderer(plain).observation("ok") == ids_of(plain, "ok")  # plain text: appended as is
     other_end = chat_tokenizer(template=episodes_template_without_eos())
+    Renderer(other_end).prompt([{"role": "user", "content": "x"}])  # a single turn: fine
     with pytest.raises(ValueError, match="does not end an assistant turn with the EOS token"):
-        Renderer(other_end)
+        Renderer(other_end).observation("x")  # an episode's next turn: the model would not stop
     with pytest.raises(ValueError, match="message 0 must be"):
         Renderer(chat_tokenizer()).prompt([{"role": "user"}])
 

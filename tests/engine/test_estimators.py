@@ -167,7 +167,7 @@ def test_a_failing_reward_function_stops_the_run_or_is_counted(small_run, tmp_pa
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(reward_model=None), "give reward_model, reward_fn or both"),
+    (dict(reward_model=None), "give reward_model, reward_fn, env or several"),
     (dict(samples_per_prompt=3), r"samples_per_prompt \(3\) must divide batch_size \(16\)"),
     (dict(advantage_estimator="grpo"), "samples_per_prompt must be >= 2"),
     (dict(advantage_estimator="ppo"), "advantage_estimator must be one of"),

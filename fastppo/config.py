@@ -436,8 +436,11 @@ class PPOConfig(TrainerOptions, ModelOptions, VLLMOptions):
     tool_timeout: float = 10.0
     """Seconds a tool call may run; past it the call's result is an error message (counted)."""
     strict_env: bool = False
-    """Stop the run with one line when the environment raises (default: the episode ends there and
-    is counted in env_errors; tool failures are always messages to the model)."""
+    """Stop the run with one line when the environment raises or returns a malformed step, or a tool
+    call fails (default: the episode ends there, counted in env_errors; a failed tool call becomes an
+    error message the model reads, counted by kind)."""
+    env_reward_weight: float = 1.0
+    """Weight of the environment's (per-turn) rewards in the sum with reward_model and reward_fn."""
     samples_per_prompt: int = 1
     """Responses sampled per prompt: a rollout is batch_size / samples_per_prompt prompts, each
     repeated samples_per_prompt times in consecutive rows (a group)."""
@@ -563,7 +566,7 @@ class PPOConfig(TrainerOptions, ModelOptions, VLLMOptions):
         if self.reward_fn is not None:
             _require(bool(REWARD_FN_SPEC.match(str(self.reward_fn))),
                      f"reward_fn must be 'module:function'; got {self.reward_fn!r}")
-        for name in ("reward_model_weight", "reward_fn_weight"):
+        for name in ("reward_model_weight", "reward_fn_weight", "env_reward_weight"):
             _in(self, name, -math.inf)
         if self.reward_fn_error_value is not None:
             _in(self, "reward_fn_error_value", -math.inf)

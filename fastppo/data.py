@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-FIELDS = {"sft": ("prompt", "response"), "rm": ("prompt", "chosen", "rejected"), "ppo": ("prompt",)}
+FIELDS = {"sft": ("prompt", "response"), "rm": ("prompt", "chosen", "rejected"), "ppo": ("prompt",),
+          "env": ()}  # an environment's rows: any JSON object, given to its reset
 
 
 def read_jsonl(path, kind: str) -> list[dict]:

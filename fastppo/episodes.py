@@ -16,19 +16,21 @@ Two sources of replies, one interface (`Environment`: Gymnasium-style `reset(row
                          a turn without a call ends the episode.
 Observations are rendered with the tokenizer's chat template (messages; a text observation is a
 user message), or appended as plain text when the tokenizer has none. A tool that raises, runs
-past its limit or returns what cannot be sent as text, a malformed call, an environment that raises:
-each is counted by name (the metrics) and the episode goes on (a tool) or ends (the environment),
-unless `strict_env` stops the run with one line.
+past its limit or returns what cannot be sent as text, a malformed call, an environment whose step
+raises or returns something else than (observation, reward: a finite number, done): each is counted
+by name (the metrics) and the episode goes on (a tool: the model reads the error) or ends (the
+environment), unless `strict_env` stops the run with one line.
 
 Limits: `max_turns` model turns, `max_new_tokens` per turn, `max_episode_tokens` for the whole
 response region. An episode ends, marked truncated, when the next observation and a full turn would
-not fit; a turn is never cut in the middle by the episode limit (a turn that reaches max_new_tokens
-without EOS ends its episode, truncated, as it would be mid-thought).
+not fit, or when a turn (the last one too) reaches max_new_tokens without EOS; a turn is never cut in
+the middle by the episode limit.
 """
 from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -98,7 +100,7 @@ def parse_tool_calls(text: str) -> list[tuple[str, dict] | str]:
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             calls.append('expected {"name": ..., "arguments": {...}}')
             continue
-        arguments = call.get("arguments", {})
+        arguments = call.get("arguments") or {}  # absent, null or "": a call without arguments
         if isinstance(arguments, str):  # some templates write the arguments as a JSON string
             try:
                 arguments = json.loads(arguments)
@@ -152,6 +154,7 @@ class ToolEnvironment:
 
     tools: dict[str, Callable]
     timeout: float
+    strict: bool = False  # strict_env: a failed call stops the run (one line) instead
     counts: dict[str, int] = field(default_factory=dict)
 
     def reset(self, row: dict):
@@ -173,6 +176,10 @@ class ToolEnvironment:
                 outcome, content = self.run(*call)
             if outcome:
                 self.counts[outcome] = self.counts.get(outcome, 0) + 1
+                if self.strict:
+                    raise EnvironmentFailed(f"{outcome.replace('_', ' ')[:-1]}: {content} "
+                                            "(strict_env: stopping; without it the model reads the "
+                                            "error and goes on)")
             messages.append({"role": "tool", "name": call[0] if isinstance(call, tuple) else "",
                              "content": content})
         return messages, 0.0, False
@@ -359,59 +366,116 @@ def run_episodes(generate: Callable, make_env: Callable[[], Any], rows: list[dic
     outcome counts."""
     counts = dict.fromkeys(OUTCOMES, 0)
     episodes = []
-    for row, global_row in zip(rows, global_rows.tolist()):
-        env = make_env()
-        prompt = renderer.prompt(guarded(env.reset, row, "reset", limits))
-        if limits.context and len(prompt) + limits.max_episode_tokens > limits.context:
-            raise ValueError(f"environment reset gave row {global_row} a first observation of "
-                             f"{len(prompt)} tokens: with max_episode_tokens="
-                             f"{limits.max_episode_tokens} that is more than the policy's "
-                             f"{limits.context} positions")
-        episodes.append(_Episode(env, prompt))
-    for turn in range(limits.max_turns):
-        active = [i for i, e in enumerate(episodes) if not e.done]
-        if not active:
-            break
-        out = generate([episodes[i].prompt + episodes[i].ids for i in active],
-                       rows=global_rows[active], turn=turn)
-        responses, mask, sampler = out.responses.cpu(), out.response_mask.cpu(), out.sampler_logprobs
-        sampler = sampler.cpu()
-        for j, i in enumerate(active):
-            e = episodes[i]
-            n = int(mask[j].sum())
-            ids = responses[j, :n].tolist()
-            e.ids += ids
-            e.model += [True] * n
-            e.sampler += sampler[j, :n].tolist()
-            e.turns += 1
-            ended = n > 0 and ids[-1] == renderer.eos
-            try:
-                obs, reward, done = guarded(e.env.step, renderer.tokenizer.decode(
-                    ids, skip_special_tokens=True), "step", limits)
-            except _Failed:
-                counts["env_errors"] += 1
-                e.done = True
-                continue
-            if reward:
-                e.rewards.append((len(e.ids) - 1, float(reward)))
-            if done or turn + 1 == limits.max_turns:
-                e.done = True
-                continue
-            if not ended:  # the turn ran out of max_new_tokens mid-thought: no reply to it
-                e.done = e.truncated = True
-                continue
-            reply = renderer.observation(obs) if obs is not None else []
-            if len(e.ids) + len(reply) + limits.max_new_tokens > limits.max_episode_tokens:
-                e.done = e.truncated = True  # the next turn would not fit: end here, whole
-                continue
-            e.ids += reply
-            e.model += [False] * len(reply)
-            e.sampler += [0.0] * len(reply)
+    try:
+        for row, global_row in zip(rows, global_rows.tolist()):
+            env = new_environment(make_env)
+            episodes.append(_Episode(env, []))
+            episodes[-1].prompt = first_observation(renderer, env, row, global_row, limits)
+        for turn in range(limits.max_turns):
+            active = [i for i, e in enumerate(episodes) if not e.done]
+            if not active:
+                break
+            out = generate([episodes[i].prompt + episodes[i].ids for i in active],
+                           rows=global_rows[active], turn=turn)
+            responses, mask = out.responses.cpu(), out.response_mask.cpu()
+            sampler = out.sampler_logprobs.cpu()
+            for j, i in enumerate(active):
+                take_turn(episodes[i], responses[j], mask[j], sampler[j], turn, renderer, limits,
+                          counts)
+    finally:
+        for e in episodes:
+            close(e.env)
     for e in episodes:
-        for k, v in getattr(e.env, "counts", {}).items():
-            counts[k] = counts.get(k, 0) + v
+        env_counts = getattr(e.env, "counts", None)
+        for k in OUTCOMES if isinstance(env_counts, dict) else ():  # the same keys on every rank
+            counts[k] += int(env_counts.get(k, 0))
         counts["truncated"] += e.truncated
     return episode_batch(episodes, pad_id, prompt_len), counts
+
+
+def take_turn(e: _Episode, responses, mask, sampler, turn: int, renderer: Renderer,
+              limits: Limits, counts: dict) -> None:
+    """Append one sampled turn to episode `e`, let the environment answer it, and end the episode
+    where it ends: done, the last turn, a turn cut by max_new_tokens (truncated), an environment
+    that fails (counted), or no room for the next observation and a whole turn (truncated)."""
+    n = int(mask.sum())
+    ids = responses[:n].tolist()
+    e.ids += ids
+    e.model += [True] * n
+    e.sampler += sampler[:n].tolist()
+    e.turns += 1
+    if n == 0:  # nothing sampled (an engine that returns an empty turn): nothing to answer
+        e.done = e.truncated = True
+        return
+    cut = ids[-1] != renderer.eos  # the turn ran out of max_new_tokens mid-thought
+    try:
+        obs, reward, done = guarded(e.env.step, renderer.tokenizer.decode(
+            ids, skip_special_tokens=True), "step", limits)
+        reply = [] if done or cut or turn + 1 == limits.max_turns or obs is None else \
+            checked(lambda: renderer.observation(obs), "step", limits)
+    except _Failed:
+        counts["env_errors"] += 1
+        e.done = True
+        return
+    if reward:
+        e.rewards.append((len(e.ids) - 1, reward))
+    if cut:
+        e.done = e.truncated = True
+    elif done or turn + 1 == limits.max_turns:
+        e.done = True
+    elif len(e.ids) + len(reply) + limits.max_new_tokens > limits.max_episode_tokens:
+        e.done = e.truncated = True  # the next turn would not fit: end here, whole
+    else:
+        e.ids += reply
+        e.model += [False] * len(reply)
+        e.sampler += [0.0] * len(reply)
+
+
+def new_environment(make_env: Callable[[], Any]):
+    """make_env(), checked: an object with reset and step (a ValueError naming what is wrong)."""
+    try:
+        env = make_env()
+    except Exception as err:  # the user's factory
+        raise ValueError(f"the environment factory raised {type(err).__name__}: {err}") from None
+    missing = [m for m in ("reset", "step") if not callable(getattr(env, m, None))]
+    if missing:
+        raise ValueError(f"the environment factory returned a {type(env).__name__}, which has no "
+                         f"{' or '.join(missing)} method (an environment has reset(row) and "
+                         "step(turn))")
+    return env
+
+
+def first_observation(renderer: Renderer, env, row: dict, global_row: int, limits: Limits):
+    """The ids of an episode's first observation (text becomes a user message where the tokenizer
+    has a chat template); a ValueError naming the row when it cannot be rendered or is too long."""
+    try:
+        first = guarded(env.reset, row, "reset", limits)
+    except ValueError as err:  # EnvironmentFailed (strict) too: the same kind, the row named
+        raise type(err)(f"row {global_row}: {err}") from None
+    if isinstance(first, str) and renderer.chat:
+        first = [{"role": "user", "content": first}]
+    try:
+        prompt = renderer.prompt(first)
+    except ValueError as err:
+        raise ValueError(f"row {global_row}: environment reset: {err}") from None
+    if not prompt:
+        raise ValueError(f"row {global_row}: environment reset gave a first observation of no "
+                         "tokens; the model's first turn needs one to follow")
+    if limits.context and len(prompt) + limits.max_episode_tokens > limits.context:
+        raise ValueError(f"row {global_row}: environment reset gave a first observation of "
+                         f"{len(prompt)} tokens: with max_episode_tokens={limits.max_episode_tokens} "
+                         f"that is more than the {limits.context} positions this run was sized for "
+                         "(the longest first observation at start + max_episode_tokens, within the "
+                         "policy's context)")
+    return prompt
+
+
+def close(env) -> None:
+    """env.close() where the environment has one (its failure is not the run's)."""
+    try:
+        getattr(env, "close", lambda: None)()
+    except Exception:  # noqa: BLE001 (the user's environment; the episode is over)
+        pass
 
 
 class _Failed(Exception):
@@ -419,10 +483,28 @@ class _Failed(Exception):
 
 
 def guarded(fn, arg, what: str, limits: Limits):
-    """fn(arg); an exception is the run's (strict: one line) or the episode's end (_Failed)."""
+    """fn(arg); an exception is the run's (strict: one line) or the episode's end (_Failed). A step
+    must return (observation: None | text | messages, reward: a finite number, done)."""
+    out = checked(lambda: fn(arg), what, limits)
+    if what == "step":
+        problem = step_problem(out)
+        if problem:
+            if limits.strict:
+                raise EnvironmentFailed(f"environment step returned {problem} (strict_env: "
+                                        "stopping; without it the episode ends)")
+            raise _Failed()
+        return out[0], float(out[1]), bool(out[2])
+    return out
+
+
+def checked(call: Callable, what: str, limits: Limits):
+    """call(); an exception (the user's environment, or rendering what it returned) ends the
+    episode (_Failed), or stops a strict run with one line; a reset that raises stops the run."""
     try:
-        out = fn(arg)
-    except Exception as err:  # the user's environment
+        return call()
+    except EnvironmentFailed:
+        raise
+    except Exception as err:  # noqa: BLE001 (the user's environment)
         if limits.strict:
             raise EnvironmentFailed(f"environment {what} raised {type(err).__name__}: {err} "
                                     "(strict_env: stopping; without it the episode ends)") from None
@@ -430,12 +512,18 @@ def guarded(fn, arg, what: str, limits: Limits):
             raise ValueError(f"environment reset raised {type(err).__name__}: {err}; an episode "
                              "needs a first observation") from None
         raise _Failed() from None
-    if what == "step" and not (isinstance(out, tuple) and len(out) == 3):
-        if limits.strict:
-            raise EnvironmentFailed(f"environment step returned {type(out).__name__}, not "
-                                    "(observation, reward, done)")
-        raise _Failed()
-    return out
+
+
+def step_problem(out) -> str | None:
+    """Why a step's return value is not (observation, reward, done), or None."""
+    if not (isinstance(out, tuple) and len(out) == 3):
+        return f"{type(out).__name__}, not (observation, reward, done)"
+    obs, reward, _ = out
+    if obs is not None and not isinstance(obs, (str, list)):
+        return f"an observation of type {type(obs).__name__} (expected None, text or messages)"
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        return f"the reward {reward!r} (expected a finite number)"
+    return None
 
 
 def episode_batch(episodes: list[_Episode], pad_id: int, prompt_len: int | None) -> Batch:
@@ -480,10 +568,13 @@ def first_prompts(cfg, make_env, renderer: Renderer, rows: list[dict]) -> list[l
     limits = Limits(cfg.max_turns, cfg.max_new_tokens, cfg.max_episode_tokens, cfg.strict_env)
     prompts = []
     for i, row in enumerate(rows):
+        env = new_environment(make_env)
         try:
-            prompts.append(renderer.prompt(guarded(make_env().reset, row, "reset", limits)))
+            prompts.append(first_observation(renderer, env, row, i, limits))
         except ValueError as err:
-            raise ValueError(f"prompts {cfg.prompts} row {i}: {err}") from None
+            raise ValueError(f"prompts {cfg.prompts}: {err}") from None
+        finally:
+            close(env)
     return prompts
 
 
@@ -493,9 +584,9 @@ def environment_factory(cfg, tokenizer) -> tuple[Callable[[], Any], Renderer]:
     if cfg.tools:
         tools = load_tools(cfg.tool_specs)
         renderer = Renderer(tokenizer, tool_schemas(list(tools.values())))
-        make = lambda: ToolEnvironment(tools, cfg.tool_timeout)  # noqa: E731
+        make = lambda: ToolEnvironment(tools, cfg.tool_timeout, cfg.strict_env)  # noqa: E731
     else:
         make, renderer = rewards.load(cfg.env, what="env"), Renderer(tokenizer)
-    if renderer.chat:  # episodes need the turn's end to be the EOS the model stops at: checked now
-        renderer._glue = renderer._turn_end()
+    if renderer.chat:  # the turn's end must be the EOS the model stops at, and a turn must render
+        renderer.observation("check")  # the same once a message follows: checked at start
     return make, renderer

@@ -108,7 +108,7 @@ def read_prompts(cfg: PPOConfig):
     factory and renderer or None), every input and model directory checked before any model is
     loaded: the data, the policy, the reward model (and its tokenizer), the context, the tools or
     environment, the rollout engine's own checks."""
-    rows = read_jsonl(cfg.prompts, "ppo")
+    rows = read_jsonl(cfg.prompts, "env" if cfg.env else "ppo")  # an environment reads any row
     check_model_dir(cfg.policy, "policy")
     if cfg.reward_model:
         check_reward_model_dir(cfg.reward_model, "reward_model")
@@ -144,7 +144,7 @@ def read_prompts(cfg: PPOConfig):
 def check_encoded(encoded: list[list[int]], rows: list[dict]) -> list[list[int]]:
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
-        raise ValueError(f"prompt {empty[0]} ({rows[empty[0]]['prompt']!r}) encodes to no tokens; "
+        raise ValueError(f"prompt {empty[0]} ({rows[empty[0]].get('prompt')!r}) encodes to no tokens; "
                          "a response needs at least one prompt token to follow")
     return encoded
 
@@ -427,8 +427,10 @@ def train_ppo(cfg: PPOConfig) -> Path:
     after = cfg.max_episode_tokens if cfg.episodic else cfg.max_new_tokens
     engine = rollout.make(cfg, model, eos_id=eos, pad_id=pad,
                           max_model_len=max(len(p) for p in prompts) + after)
+    # what the engine was sized for (a later reset's longer first observation is refused, named)
+    sized_for = min(max(len(p) for p in prompts) + after, context_length(model.lm.config) or 1 << 62)
     limits = episodes.Limits(cfg.max_turns, cfg.max_new_tokens, cfg.max_episode_tokens,
-                             cfg.strict_env, context_length(model.lm.config))
+                             cfg.strict_env, sized_for)
     sampling = engine.sampling
     saved, log, progress = run.begin(cfg, model, optimizer, generator, name="ppo",
                                      total=cfg.iterations, iteration=int, kl_coef=float)
@@ -475,7 +477,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
                                    kl_coef=0.0 if cfg.kl_in_loss else kl_coef,
                                    estimator=cfg.kl_estimator)
         if "turn_rewards" in t:  # the environment's, on each turn's last token
-            token_rewards = token_rewards + t["turn_rewards"]
+            token_rewards = token_rewards + cfg.env_reward_weight * t["turn_rewards"]
         advantages, returns = estimate_advantages(cfg, token_rewards, t["old_values"], mask)
         batch = batch.with_tokens(old_logprobs=old_logprobs, advantages=advantages,
                                   **({"returns": returns} if critic else {}))

@@ -250,8 +250,7 @@ def demo_tools_task(cfg: DemoConfig, *, device: str = "cpu", quiet: bool = False
         tools="fastppo.demo.calculator:add", reward_fn="fastppo.demo.calculator:reward",
         advantage_estimator="grpo", samples_per_prompt=8, batch_size=64, mini_batch_size=32,
         max_new_tokens=TOOL_LIMITS.max_new_tokens, max_turns=TOOL_LIMITS.max_turns,
-        max_episode_tokens=TOOL_LIMITS.max_episode_tokens, kl_coef=0.0,
-        loss_reduction="seq-mean-token-mean", lr=5e-4, iterations=cfg.ppo_iterations, seed=seed,
+        max_episode_tokens=TOOL_LIMITS.max_episode_tokens, kl_coef=0.0, lr=5e-4, iterations=cfg.ppo_iterations, seed=seed,
         save_every=10, device=device, overwrite=True))
     before = tool_use(sft, held_out, seed=seed + 4, device=device)
     after = tool_use(ppo, held_out, seed=seed + 4, device=device)

@@ -235,6 +235,11 @@ def test_every_tool_failure_is_a_named_counted_message():
                           "tool_bad_results": 1, "malformed_calls": 3}
     assert env.step("the answer is 42") == (None, 0.0, True)  # no call: the episode ends
     assert parse_tool_calls("<tool_call>{}") == ["<tool_call> without </tool_call>"]
+    for empty in ("", ", \"arguments\": null", ", \"arguments\": \"\""):  # a call without arguments
+        assert parse_tool_calls(f'<tool_call>{{"name": "f"{empty}}}</tool_call>') == [("f", {})]
+    strict = ToolEnvironment(tools, timeout=0.2, strict=True)
+    with pytest.raises(EnvironmentFailed, match="tool error: error: boom raised RuntimeError"):
+        strict.step(call("add", a=1, b=2) + call("boom", x=1))
 
 
 def test_a_tool_without_a_docstring_is_refused_by_name():
@@ -261,6 +266,65 @@ def test_an_environment_that_raises_ends_its_episode_or_stops_a_strict_run():
     with pytest.raises(EnvironmentFailed, match="environment step raised KeyError: 'env broke'"):
         run_episodes(Scripted({0: [turn]}), Raising, [{"prompt": "a"}], Renderer(tok),
                      Limits(3, 4, 32, strict=True), global_rows=torch.tensor([0]), pad_id=0)
+    # a step that returns what is not (observation, reward: a finite number, done), or an
+    # observation that cannot be rendered: the episode ends, counted; strict: one line
+    for value, problem in ((("ok", float("nan"), False), "the reward nan"),
+                           (("ok", [1.0], False), r"the reward \[1.0\]"),
+                           (({"role": "tool"}, 0.0, False), "an observation of type dict"),
+                           (("ok", 0.0), "tuple, not"), (([{"role": "tool"}], 0.0, False), None)):
+        closed = []
+        batch, counts = run_episodes(Scripted({0: [turn, turn]}), lambda: Returns(value, closed),
+                                     [{"prompt": "a"}], Renderer(tok), Limits(3, 4, 32),
+                                     global_rows=torch.tensor([0]), pad_id=0)
+        assert counts["env_errors"] == 1 and batch.per_row["turns"].tolist() == [1.0], value
+        assert torch.isfinite(batch.per_token["turn_rewards"]).all() and closed == [True]
+        if problem:
+            with pytest.raises(EnvironmentFailed, match=f"environment step returned {problem}"):
+                run_episodes(Scripted({0: [turn]}), lambda: Returns(value, []), [{"prompt": "a"}],
+                             Renderer(tok), Limits(3, 4, 32, strict=True),
+                             global_rows=torch.tensor([0]), pad_id=0)
+    with pytest.raises(ValueError, match="returned a object, which has no reset or step method"):
+        run_episodes(Scripted({0: [turn]}), object, [{"prompt": "a"}], Renderer(tok),
+                     Limits(3, 4, 32), global_rows=torch.tensor([0]), pad_id=0)
+
+
+class Returns:
+    """An environment whose step returns `value`; records that it was closed."""
+
+    def __init__(self, value, closed):
+        self.value, self.closed = value, closed
+
+    def reset(self, row):
+        return row["prompt"]
+
+    def step(self, turn):
+        return self.value
+
+    def close(self):
+        self.closed.append(True)
+
+
+def test_a_cut_last_turn_is_truncated_and_a_text_observation_is_a_user_message():
+    tok = chat_tokenizer()
+    cut = ids_of(tok, "abcd")  # max_new_tokens reached without EOS, on the last turn
+    batch, counts = run_episodes(Scripted({0: [ids_of(tok, "x") + [tok.eos_token_id], cut]}),
+                                 lambda: Echo(99), [{"prompt": "go"}], Renderer(tok),
+                                 Limits(2, 4, 64), global_rows=torch.tensor([0]), pad_id=0)
+    assert batch.per_row["truncated"].tolist() == [1.0] and counts["truncated"] == 1
+
+    class TextFirst(Echo):
+        def reset(self, row):
+            return row["prompt"]
+    batch, _ = run_episodes(Scripted({0: [cut]}), TextFirst, [{"prompt": "go"}], Renderer(tok),
+                            Limits(1, 4, 64), global_rows=torch.tensor([0]), pad_id=0)
+    P = batch.prompt_len
+    assert batch.input_ids[0, :P].tolist() == ids_of(
+        tok, "<|im_start|>user\ngo<|im_end|>\n<|im_start|>assistant\n")
+    # an engine that returns an empty turn: the episode ends there, nothing placed before it
+    batch, _ = run_episodes(Scripted({0: [[]]}), lambda: Echo(99), [{"prompt": "go"}],
+                            Renderer(tok), Limits(3, 4, 64), global_rows=torch.tensor([0]),
+                            pad_id=0)
+    assert batch.per_row["truncated"].tolist() == [1.0] and not batch.response_mask.any()
 
 
 def test_renderer_refuses_what_it_cannot_render():
@@ -359,7 +423,7 @@ def test_ppo_on_episodes_sees_ratio_one_and_reports_them(chat_run, monkeypatch, 
     assert len(rows) == 2
     for row in rows:
         assert row["first_ratio_max_error"] <= 1e-5
-        assert 1 <= row["turns_per_episode"] <= 3 and 0 < row["model_token_fraction"] < 1
+        assert 1 < row["turns_per_episode"] <= 3 and 0 < row["model_token_fraction"] < 1
         assert row["env_errors"] == 0 and row["sampler_gap_max"] < 1e-3
 
 
@@ -387,18 +451,6 @@ def test_packed_and_padded_episodes_train_alike(chat_run, monkeypatch):
     w = [load_file(root / f"packed-{p}" / "checkpoint" / "model.safetensors") for p in (True, False)]
     for k in w[0]:
         torch.testing.assert_close(w[0][k], w[1][k], rtol=1e-4, atol=1e-5, msg=k)
-
-
-def test_tools_run_in_a_ppo_run(chat_run, monkeypatch):
-    from fastppo.ppo import train_ppo
-
-    root, policy = chat_run
-    monkeypatch.syspath_prepend(str(root))
-    cfg = episode_config(root, policy, "tools", env=None, tools="envmod_episodes:add",
-                         reward_fn="fastppo.demo.arithmetic:reward", iterations=1)
-    train_ppo(cfg)
-    row = metrics(cfg.out)[0]
-    assert row["first_ratio_max_error"] <= 1e-5 and "tool_calls" in row
 
 
 # ------------------------------------------------------------------------- SFT on conversations
@@ -590,3 +642,19 @@ def test_an_environment_that_cannot_start_stops_the_run_naming_it(chat_run, monk
         train_ppo(episode_config(root, policy, "broken", env="envmod_broken:Broken"))
     with pytest.raises(ValueError, match="env.*envmod_missing"):
         train_ppo(episode_config(root, policy, "missing", env="envmod_missing:make"))
+
+
+def test_an_environment_reads_rows_of_its_own_fields(chat_run, monkeypatch, tmp_path):
+    """--env: a prompts row is any JSON object, given whole to reset (no "prompt" field needed)."""
+    from fastppo.ppo import train_ppo
+
+    root, policy = chat_run
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "envmod_rows.py").write_text(
+        "class FromTask:\n    def reset(self, row):\n        return f\"task {row['task']}\"\n"
+        "    def step(self, turn):\n        return None, float(len(turn) % 2), True\n")
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps({"task": i}) + "\n" for i in range(3)))
+    cfg = episode_config(root, policy, "rows", env="envmod_rows:FromTask",
+                         prompts=str(tmp_path / "tasks.jsonl"), iterations=1)
+    train_ppo(cfg)
+    assert metrics(cfg.out)[0]["turns_per_episode"] == 1.0

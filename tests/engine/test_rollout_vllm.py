@@ -293,16 +293,19 @@ def test_vllm_episodes_continue_the_sampled_ids_and_score_as_the_trainer(tmp_pat
     calls = []
 
     def generate(contexts, rows, turn):
-        calls.append((contexts, turn))
+        calls.append((contexts, rows.tolist(), turn))
         return engine.generate(contexts, iteration=2, rows=rows, turn=turn)
     run = lambda part: episodes.run_episodes(  # noqa: E731
         generate, Answers, [rows[i] for i in part], renderer, limits,
         global_rows=torch.tensor(part), pad_id=0)
     batch, counts = run(list(range(6)))
     assert batch.per_row["turns"].max() >= 2 and counts["env_errors"] == 0
-    for contexts, turn in calls[1:]:  # a later turn's context is the episode so far, as ids
-        assert turn > 0 and all(c[:len(p)] == p for c, p in zip(
-            contexts, [renderer.prompt(r["prompt"]) for r in rows]))
+    # each turn's context is the episode so far, as ids: a prefix of the episode trained on
+    whole = [ids[keep].tolist() for ids, keep in zip(batch.input_ids, batch.attention_mask)]
+    assert [turn for _, _, turn in calls] == list(range(len(calls))) and len(calls) >= 2
+    for contexts, of_rows, turn in calls:
+        for c, r in zip(contexts, of_rows):
+            assert c == whole[r][:len(c)] and len(c) < len(whole[r])
     lp, _ = trainer_logprobs(load_lm(tmp_path / "policy").eval(), batch, 1.0)
     mask = batch.response_mask
     assert (~mask & batch.attention_mask[:, batch.prompt_len:]).any()  # environment tokens

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # (tests/test_repository_root.py). The development pins above are the other end.
 NEWEST := .venv-newest
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check
 
 demo: $(VENV)/.installed
 	$(BIN)/fastppo demo
@@ -16,6 +16,11 @@ test: $(VENV)/.installed $(NEWEST)/.installed
 	$(BIN)/pytest
 
 install: $(VENV)/.installed
+
+# The one-command GPU check (bench/gpu_check.py): on a GPU machine, with the python that holds its
+# CUDA torch (GPU machines here reach no package index: missing packages come as wheels, WHEELS=DIR).
+gpu-check:
+	PYTHONPATH=$(CURDIR) python3 bench/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS))
 
 # Reinstalled when the package metadata or the pins change.
 $(VENV)/.installed: pyproject.toml constraints-dev.txt

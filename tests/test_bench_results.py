@@ -110,3 +110,23 @@ def test_bench_cpu_keeps_the_columns(tmp_path):
     assert header(out) == header(RESULTS / "cpu.csv")
     (row,) = csv.DictReader(out.open())
     assert (row["rows"], row["vocab"], row["provider"], row["entropy"]) == ("16", "50", "eager", "False")
+
+
+def test_gpu_check_dry_run_plans_every_step_and_checks_their_commands(tmp_path):
+    """bench/gpu_check.py without CUDA: the environment step runs on the CPU, every CUDA step is
+    planned with a command whose script exists and takes the options passed, nothing fails, and the
+    rows go to the CSV asked for."""
+    import subprocess
+
+    out = tmp_path / "gpu.csv"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--csv", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["step"] for r in rows] == ["environment", "install", "kernels", "ops", "grpo"]
+    status = {r["step"]: r["status"] for r in rows}
+    assert status == {"environment": "ok", "install": "skipped", "kernels": "dry", "ops": "dry",
+                      "grpo": "dry"}, rows
+    assert "bf16_matmul_tflops" in rows[0]["summary"] and "--vocab 151936" in rows[3]["summary"]
+    assert sum(int(r["budget_s"]) for r in rows) <= 600  # the whole check fits 10 minutes
+    assert "| kernels | dry |" in proc.stdout

@@ -658,3 +658,4 @@ def test_an_environment_reads_rows_of_its_own_fields(chat_run, monkeypatch, tmp_
                          prompts=str(tmp_path / "tasks.jsonl"), iterations=1)
     train_ppo(cfg)
     assert metrics(cfg.out)[0]["turns_per_episode"] == 1.0
+

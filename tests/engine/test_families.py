@@ -136,3 +136,52 @@ def test_pipeline_runs_on_qwen2_with_chat_template(tmp_path):
     for stage in STAGES:
         tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / stage / "checkpoint")
         check_tokenizer("qwen2", tokenizer, chat_template=True)
+
+
+REWARD_MODULE = '''
+import json, os
+
+def seen(prompts, responses, prompt_ids, response_ids):
+    with open(os.environ["FASTPPO_TEST_SEEN"], "a") as fh:
+        fh.write(json.dumps({"texts": responses, "ids": response_ids}) + "\\n")
+    return [float(len(r) % 2) for r in responses]
+'''
+
+
+def test_a_model_vocabulary_larger_than_the_tokenizer_trains_and_decodes(tmp_path, monkeypatch):
+    """Qwen ships embeddings for 151,936 ids and a tokenizer of 151,665: the ids past the tokenizer
+    are sampled like any other (the trained policy is the sampling one), trained on with ratio = 1,
+    and decoded as the model family's tokenizer decodes them (to nothing)."""
+    from fastppo.config import PPOConfig
+    from fastppo.models import tiny_llama
+    from fastppo.ppo import train_ppo
+
+    from chat_testing import chat_tokenizer
+
+    tok = chat_tokenizer()
+    extra = 27
+    torch.manual_seed(0)
+    lm = tiny_llama(len(tok) + extra, hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    with torch.no_grad():  # the ids past the tokenizer: likely enough to be sampled often
+        lm.lm_head.weight[len(tok):] += 0.5 * lm.lm_head.weight[len(tok):].sign()
+    lm.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    (tmp_path / "seen_rewards.py").write_text(REWARD_MODULE)
+    (tmp_path / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": p}) + "\n" for p in ("count", "go on", "hi", "more")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FASTPPO_TEST_SEEN", str(tmp_path / "seen.jsonl"))
+    cfg = PPOConfig(prompts=str(tmp_path / "prompts.jsonl"), policy=str(tmp_path / "policy"),
+                    reward_fn="seen_rewards:seen", out=str(tmp_path / "run"), iterations=2,
+                    batch_size=8, mini_batch_size=4, samples_per_prompt=2,
+                    advantage_estimator="grpo", max_new_tokens=12, save_every=100).check()
+    train_ppo(cfg)
+    calls = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
+    past = [(ids, text) for call in calls for ids, text in zip(call["ids"], call["texts"])
+            if any(i >= len(tok) for i in ids)]
+    assert past, "no id past the tokenizer was sampled: the test would prove nothing"
+    for ids, text in past:
+        assert text == tok.decode([i for i in ids if i < len(tok)], skip_special_tokens=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["first_ratio_max_error"] <= 1e-5 for r in rows)

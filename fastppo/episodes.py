@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import numbers
 import re
 import threading
 from dataclasses import dataclass, field
@@ -493,7 +494,7 @@ def guarded(fn, arg, what: str, limits: Limits):
                 raise EnvironmentFailed(f"environment step returned {problem} (strict_env: "
                                         "stopping; without it the episode ends)")
             raise _Failed()
-        return out[0], float(out[1]), bool(out[2])
+        return out[0], as_number(out[1]), bool(out[2])
     return out
 
 
@@ -521,9 +522,20 @@ def step_problem(out) -> str | None:
     obs, reward, _ = out
     if obs is not None and not isinstance(obs, (str, list)):
         return f"an observation of type {type(obs).__name__} (expected None, text or messages)"
-    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+    if not math.isfinite(as_number(reward)):
         return f"the reward {reward!r} (expected a finite number)"
     return None
+
+
+def as_number(reward) -> float:
+    """A reward as a float: a real number (bool, int, float, numpy's) or a one-element array or
+    tensor; NaN for anything else."""
+    if isinstance(reward, numbers.Real):
+        return float(reward)
+    if getattr(reward, "ndim", None) == 0 and hasattr(reward, "item"):
+        value = reward.item()
+        return float(value) if isinstance(value, numbers.Real) else math.nan
+    return math.nan
 
 
 def episode_batch(episodes: list[_Episode], pad_id: int, prompt_len: int | None) -> Batch:

@@ -271,7 +271,8 @@ def test_an_environment_that_raises_ends_its_episode_or_stops_a_strict_run():
     for value, problem in ((("ok", float("nan"), False), "the reward nan"),
                            (("ok", [1.0], False), r"the reward \[1.0\]"),
                            (({"role": "tool"}, 0.0, False), "an observation of type dict"),
-                           (("ok", 0.0), "tuple, not"), (([{"role": "tool"}], 0.0, False), None)):
+                           (("ok", 0.0), "tuple, not"), (([{"role": "tool"}], 0.0, False), None),
+                           (("ok", torch.ones(2), False), "the reward tensor")):
         closed = []
         batch, counts = run_episodes(Scripted({0: [turn, turn]}), lambda: Returns(value, closed),
                                      [{"prompt": "a"}], Renderer(tok), Limits(3, 4, 32),
@@ -302,6 +303,17 @@ class Returns:
 
     def close(self):
         self.closed.append(True)
+
+
+def test_rewards_of_any_real_number_type_are_taken():
+    import numpy as np
+
+    from fastppo.episodes import Limits as L, guarded
+
+    for reward, want in ((True, 1.0), (np.float32(0.5), 0.5), (np.int64(2), 2.0),
+                         (torch.tensor(-1.5), -1.5)):
+        assert guarded(lambda _: ("ok", reward, False), "x", "step", L(1, 1, 1)) == ("ok", want,
+                                                                                   False)
 
 
 def test_a_cut_last_turn_is_truncated_and_a_text_observation_is_a_user_message():

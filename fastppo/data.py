@@ -168,7 +168,11 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Each prompt as the model's own tokenizer encodes it, with the special tokens it adds itself
     (Llama's BOS; nothing for GPT-2 or Qwen2), as its `generate` would see it. Prompts are used as
     given: a chat template, if wanted, belongs in the data."""
-    encoded = [tokenizer(p).input_ids for p in prompts]
+    return require_tokens([tokenizer(p).input_ids for p in prompts], prompts)
+
+
+def require_tokens(encoded: list[list[int]], prompts: list) -> list[list[int]]:
+    """`encoded`, if every prompt encoded to at least one token (else a ValueError naming it)."""
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise ValueError(f"prompt {empty[0]} ({prompts[empty[0]]!r}) encodes to no tokens; a "

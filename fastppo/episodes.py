@@ -556,6 +556,20 @@ def episode_batch(episodes: list[_Episode], pad_id: int, prompt_len: int | None)
     return batch
 
 
+def metrics(batch: Batch, outcomes: dict) -> dict:
+    """Multi-turn episodes (env or tools): turns per episode, the environment's reward, the share of
+    episode tokens the model wrote, the fraction of episodes truncated, and the outcome counts of
+    fastppo.episodes (tool calls, tool errors and timeouts, malformed calls, environment errors)."""
+    if "turns" not in batch.per_row:
+        return {}
+    region = batch.attention_mask[:, batch.prompt_len:]
+    return {"turns_per_episode": batch.per_row["turns"].mean().item(),
+            "env_reward": batch.per_row["env_reward"].mean().item(),
+            "model_token_fraction": (batch.response_mask.sum() / region.sum().clamp(min=1)).item(),
+            "truncated_fraction": batch.per_row["truncated"].mean().item(),
+            **{k: v for k, v in outcomes.items() if k != "truncated"}}
+
+
 def collect(engine, renderer: Renderer, make_env: Callable[[], Any], data_rows: list[dict],
             iteration: int, limits: Limits, device) -> tuple[Batch, dict]:
     """The iteration's episodes as one global batch on every rank (as fastppo.rollout.collect):

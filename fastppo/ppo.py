@@ -36,7 +36,7 @@ from transformers import AutoTokenizer
 from fastppo import distributed, episodes, rewards, rollout, run
 from fastppo.config import PPOConfig
 from fastppo.data import (Batch, ResponseTokens, limit_prompts, micro_batches,
-                          read_jsonl, special_ids)
+                          read_jsonl, require_tokens, special_ids)
 from fastppo.kernels import gae, group_advantages, kl_rewards, masked_whiten, reward_to_go
 from fastppo.metrics import peak_memory_mib, plot, reset_peak_memory
 from fastppo.models import (ActorCritic, AdaptersOff, PolicyLM, eval_mode, load_lm,
@@ -122,11 +122,12 @@ def read_prompts(cfg: PPOConfig):
         encoded = episodes.first_prompts(cfg, make_env, renderer, rows)
     else:
         try:
-            encoded = [renderer.prompt(r["prompt"]) for r in rows]
+            encoded = require_tokens([renderer.prompt(r["prompt"]) for r in rows],
+                                     [r["prompt"] for r in rows])
         except ValueError as err:
             raise ValueError(f"prompts {cfg.prompts}: {err}") from None
-    prompts = limit_prompts(check_encoded(encoded, rows), cfg.max_prompt_length,
-                            cfg.truncate_prompts, tokenizer.bos_token_id)
+    prompts = limit_prompts(encoded, cfg.max_prompt_length, cfg.truncate_prompts,
+                            tokenizer.bos_token_id)
     after = cfg.max_episode_tokens if cfg.episodic else cfg.max_new_tokens
     what = "max_episode_tokens" if cfg.episodic else "max_new_tokens"
     longest = max(len(p) for p in prompts) + after
@@ -139,14 +140,6 @@ def read_prompts(cfg: PPOConfig):
                          "fit one micro-batch")
     rollout.preflight(cfg)  # before any model is loaded
     return tokenizer, prompts, reward_fn, rows, (make_env, renderer) if cfg.episodic else None
-
-
-def check_encoded(encoded: list[list[int]], rows: list[dict]) -> list[list[int]]:
-    empty = [i for i, ids in enumerate(encoded) if not ids]
-    if empty:
-        raise ValueError(f"prompt {empty[0]} ({rows[empty[0]].get('prompt')!r}) encodes to no tokens; "
-                         "a response needs at least one prompt token to follow")
-    return encoded
 
 
 def build_models(cfg: PPOConfig, eos: int):
@@ -395,22 +388,8 @@ def metrics_row(cfg: PPOConfig, iteration: int, batch: Batch, loss_mask, outside
         "outside_kept_train": mean["outside_kept_train"],
         "kl_truncation": per_row(torch.where(outside, 0.0, old - plain)),
         "kl_untruncated": per_row(torch.where(outside, old - ref, plain - ref)),
-        **episode_metrics(batch, outcomes),
+        **episodes.metrics(batch, outcomes),
     }
-
-
-def episode_metrics(batch: Batch, outcomes: dict) -> dict:
-    """Multi-turn episodes (env or tools): turns per episode, the environment's reward, the share of
-    episode tokens the model wrote, the fraction of episodes truncated, and the outcome counts of
-    fastppo.episodes (tool calls, tool errors and timeouts, malformed calls, environment errors)."""
-    if "turns" not in batch.per_row:
-        return {}
-    region = batch.attention_mask[:, batch.prompt_len:]
-    return {"turns_per_episode": batch.per_row["turns"].mean().item(),
-            "env_reward": batch.per_row["env_reward"].mean().item(),
-            "model_token_fraction": (batch.response_mask.sum() / region.sum().clamp(min=1)).item(),
-            "truncated_fraction": batch.per_row["truncated"].mean().item(),
-            **{k: v for k, v in outcomes.items() if k != "truncated"}}
 
 
 @run.owns_output  # cfg.out: checked, locked for this run, resume/overwrite handled, config.yaml saved

@@ -46,14 +46,21 @@ def save_policy(directory: Path, tokenizer, seed: int = 0, eos_logit: float = 0.
     lm.config.max_position_embeddings = 512
     lm = type(lm)(lm.config)  # rebuilt at the wider context
     if eos_logit:
-        with torch.no_grad():
-            d = 0  # the residual stream's dimension 0: the same large value at every position
-            lm.model.embed_tokens.weight[:, d] = 10.0
-            for layer in lm.model.layers:  # nothing writes to it
-                layer.self_attn.o_proj.weight[d] = 0.0
-                layer.mlp.down_proj.weight[d] = 0.0
-            # after the final RMSNorm that dimension is about sqrt(hidden)
-            lm.lm_head.weight[tokenizer.eos_token_id, d] = eos_logit / lm.config.hidden_size ** 0.5
+        favour_eos(lm, tokenizer.eos_token_id, eos_logit)
     lm.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def favour_eos(lm, eos_id: int, logit: float) -> None:
+    """Give EOS about `logit` more at every position of a Llama: the residual stream's dimension 0
+    holds the same large value everywhere (nothing writes to it) and, after the final RMSNorm (about
+    sqrt(hidden) there), only EOS's row of the LM head reads it. A random policy then ends its turns."""
+    import torch
+
+    with torch.no_grad():
+        lm.model.embed_tokens.weight[:, 0] = 10.0
+        for layer in lm.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        lm.lm_head.weight[eos_id, 0] = logit / lm.config.hidden_size ** 0.5

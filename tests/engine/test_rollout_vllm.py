@@ -273,17 +273,14 @@ def test_vllm_episodes_continue_the_sampled_ids_and_score_as_the_trainer(tmp_pat
     ids, not re-rendered text), the sampler's log-prob of every model token is the trainer's forward
     over the whole episode, the environment's tokens have none, and a split of the rows over two
     calls (two ranks) samples the same episodes."""
+    from chat_testing import favour_eos
     from fastppo import episodes
 
     tokenizer = save_tiny(tmp_path / "policy", spread=1.0)
     lm = load_lm(tmp_path / "policy")
-    with torch.no_grad():  # EOS at about a third of the tokens: turns end, episodes go on
-        lm.model.embed_tokens.weight[:, 0] = 10.0
-        for layer in lm.model.layers:
-            layer.self_attn.o_proj.weight[0] = 0.0
-            layer.mlp.down_proj.weight[0] = 0.0
+    with torch.no_grad():
         lm.lm_head.weight[3] = 0.0
-        lm.lm_head.weight[3, 0] = 3.0 / lm.config.hidden_size ** 0.5
+    favour_eos(lm, 3, 3.0)  # EOS at about a third of the tokens: turns end, episodes go on
     lm.save_pretrained(tmp_path / "policy")
     engine = VLLMRollout(tmp_path / "policy", Sampling(max_new_tokens=6), eos_id=3, pad_id=0,
                          device="cpu", seed=3, dtype="float32", max_model_len=64, max_rows=8)

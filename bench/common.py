@@ -22,9 +22,23 @@ RESULTS = Path(__file__).with_name("results")
 
 
 def device_name(device: str) -> str:
+    """The GPU's name; on CPU the model (from /proc/cpuinfo), its bf16 matmul extensions and the
+    threads torch uses, e.g. "Intel(R) Xeon(R) Processor (avx512_bf16) x2 threads"."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} cpu x{torch.get_num_threads()} threads"
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:  # not Linux
+        pass
+    isa = ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags)
+    return f"{model}{f' ({isa})' if isa else ''} x{torch.get_num_threads()} threads"
 
 
 def allocator_env() -> str:
@@ -71,6 +85,13 @@ def time_ms(fn, device: str, *, repeat: int, warmup: int = 2, setup=None) -> tup
             times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
     return statistics.median(times), q[0], q[-1]
+
+
+def matmul_gflops(device: str, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """The box's matmul peak: GFLOP/s of an n x n x n matmul in dtype (median of 7)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    ms, _, _ = time_ms(lambda: a @ b, device, repeat=7)
+    return 2 * n**3 / (ms / 1e3) / 1e9
 
 
 def _rss_kib(field: str) -> int:

@@ -114,7 +114,7 @@ def main(argv=None):
         if out.parent != root:
             shutil.rmtree(out)
     measured = rows[1:] or rows
-    keys = ["tokens_per_s", "time_sync", "time_generate", "time_reference", "time_score",
+    keys = ["tokens_per_s", "time_sync", "time_generate", "time_old_logprobs", "time_reference", "time_score",
             "time_train", "peak_memory_mib", "iteration_memory_mib", "response_length",
             "sampler_gap_max", "sampler_kl"]
     result = {k: statistics.median(r[k] for r in measured) for k in keys}

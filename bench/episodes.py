@@ -34,9 +34,8 @@ from pathlib import Path
 
 import torch
 
-from common import append_csv, device_name, git_revision, sync, today
+from common import append_csv, device_name, git_revision, matmul_gflops, sync, today
 from e2e import workload
-from packing import matmul_gflops
 from fastppo import episodes
 from fastppo.data import ResponseTokens, encode_prompts, read_jsonl
 from fastppo.heads import TokenHead

@@ -29,7 +29,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
-from common import append_csv, device_name, git_revision, time_ms, today
+from common import append_csv, device_name, git_revision, matmul_gflops, today
 from fastppo.config import PPOConfig
 from fastppo.data import PackedRows, pack
 from fastppo.kernels import kl_rewards
@@ -76,12 +76,6 @@ def flops(batch, hidden: int, layers: int, intermediate: int, vocab: int, rows_T
         return dense * sum(lengths) + sum(attn(n) for n in lengths) + useful_head
     rows, T = rows_T
     return dense * rows * T + attn(T) * rows + useful_head  # sdpa computes each row's whole square
-
-
-def matmul_gflops(device: str) -> float:
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-    ms, _, _ = time_ms(lambda: a @ b, device, repeat=7)
-    return 2 * 2048**3 / (ms / 1e3) / 1e9
 
 
 def config_for(packed: bool, kind: str, estimator: str, args) -> PPOConfig:

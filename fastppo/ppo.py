@@ -200,10 +200,11 @@ def rollout_forward(model, reference, score, batch: Batch, order, cfg, sampling:
     values, ref_logprobs = torch.zeros_like(old_logprobs), torch.zeros_like(old_logprobs)
     scores = torch.zeros(B, device=cfg.device)
     errors = torch.zeros((), device=cfg.device)
-    timings = {"reference": 0.0, "score": 0.0}
+    timings = {"old_logprobs": 0.0, "reference": 0.0, "score": 0.0}
     for idx in (part for i in range(0, B, cfg.mini_batch_size)
                 for part in split(batch, order[i:i + cfg.mini_batch_size], cfg)):
         mb = batch.select(idx)
+        t_old = time.perf_counter()
         # packed, or an episode: the LM head runs on the model's tokens only
         tokens = ResponseTokens(mb.response_mask, model.packed or episodic)
         with precision(cfg.device, cfg.dtype):  # as in training: the same logits, bit for bit
@@ -217,6 +218,7 @@ def rollout_forward(model, reference, score, batch: Batch, order, cfg, sampling:
             if critic:
                 values[idx] = tokens.put(v)
         t0 = time.perf_counter()
+        timings["old_logprobs"] += t0 - t_old
         tokens = ResponseTokens(mb.response_mask, reference.packed or episodic)
         with precision(cfg.device, cfg.dtype):
             ref_logprobs[idx] = tokens.put(reference.head.logprobs(
@@ -371,9 +373,8 @@ def metrics_row(cfg: PPOConfig, iteration: int, batch: Batch, loss_mask, outside
         "response_length": lengths.mean().item(),
         "tokens_per_s": lengths.sum().item() * (1 + cfg.ppo_epochs) / (t_end - t_start),
         "time_sync": t_sync - t_start, "time_generate": t_generate - t_sync,
-        "time_reference": timings["reference"],
-        "time_score": timings["score"],
-        "time_train": t_end - t_generate - timings["reference"] - timings["score"],
+        "time_old_logprobs": timings["old_logprobs"], "time_reference": timings["reference"],
+        "time_score": timings["score"], "time_train": t_end - t_generate - sum(timings.values()),
         # the largest rank's (under torchrun)
         "peak_memory_mib": distributed.max_over_ranks(peak_memory_mib(cfg.device), cfg.device),
         "iteration_memory_mib": distributed.max_over_ranks(

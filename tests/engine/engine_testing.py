@@ -4,8 +4,9 @@ from pathlib import Path
 
 from fastppo.config import PPOConfig
 
-TIMING = ("tokens_per_s", "time_sync", "time_generate", "time_reference", "time_score", "time_train",
-          "peak_memory_mib", "iteration_memory_mib")
+PHASES = ("time_sync", "time_generate", "time_old_logprobs", "time_reference", "time_score",
+          "time_train")  # they add up to the iteration's seconds
+TIMING = ("tokens_per_s", *PHASES, "peak_memory_mib", "iteration_memory_mib")
 
 
 def ppo_config(out: Path, target: Path, **overrides) -> PPOConfig:

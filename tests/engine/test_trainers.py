@@ -5,11 +5,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import SMALL
-from engine_testing import TIMING, ppo_config
+from engine_testing import PHASES, TIMING, ppo_config
 from fastppo import ppo
 from fastppo.checkpoint import load_state
 from fastppo.models import HEAD_FILE, VALUE_HEAD
@@ -85,6 +86,11 @@ def test_first_minibatch_sees_ratio_one(small_run):
                 "clipfrac", "approx_kl", "explained_variance", "response_length", "sampler_gap_mean",
                 "sampler_gap_max", "sampler_kl") + TIMING:
         assert key in rows[0], key
+    cfg = yaml.safe_load((out / "ppo" / "config.yaml").read_text())
+    for r in rows:  # the phases add up to the iteration (tokens_per_s: its response tokens x 3)
+        assert all(r[k] >= 0 for k in PHASES) and r["time_old_logprobs"] > 0, r
+        tokens = r["response_length"] * cfg["batch_size"] * (1 + cfg["ppo_epochs"])
+        assert sum(r[k] for k in PHASES) == pytest.approx(tokens / r["tokens_per_s"], rel=1e-4), r
     # the built-in sampler drew from the distribution the trainer scores (float32 rounding apart:
     # its KV-cached forward sums in another order than the trainer's)
     assert all(r["sampler_gap_max"] < 1e-4 and abs(r["sampler_kl"]) < 1e-7 for r in rows), rows

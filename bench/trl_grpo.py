@@ -93,7 +93,7 @@ def fastppo_side(root: Path, dtype: str, iterations: int) -> dict:
                         kl_in_loss=True, kl_coef=BETA, kl_loss_estimator="k3",
                         loss_reduction="token-mean", clip_eps=0.2, temperature=TEMPERATURE,
                         max_new_tokens=RESPONSE, lr=LR, max_grad_norm=1.0, dtype=dtype,
-                        save_every=10**6, seed=0))
+                        save_every=10**6, seed=0, overwrite=True))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"iterations": [
         {"generation": r["time_sync"] + r["time_generate"],

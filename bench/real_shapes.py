@@ -4,13 +4,17 @@ configs (nothing is downloaded), on this machine, with a profile of one iteratio
     python bench/real_shapes.py [--cases 0.5b-bf16-lora-packed ...] [--iterations 2]
     python bench/real_shapes.py --profile 0.5b-bf16-lora-packed
 
-Shapes (Qwen2 architecture, tied embeddings, vocabulary 151,936 against a tokenizer of 151,665 as
-Qwen ships: the ids past the tokenizer are sampled and decode to nothing):
+Shapes (Qwen2's: tied embeddings, biases on the attention projections, vocabulary 151,936 against a
+tokenizer of 151,665 as Qwen ships: the ids past the tokenizer are sampled and decode to nothing),
+built as transformers' Llama, which is Qwen2 with an o_proj bias more (896 or 1536 numbers a layer):
+a `qwen2` config makes AutoTokenizer load Qwen2's byte-level BPE class over this word-level tokenizer,
+which then encodes nothing):
 - 0.5b: hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate 4864 (494M parameters);
 - 1.5b: hidden 1536, 28 layers, 12 heads / 2 KV heads, intermediate 8960 (1.54B parameters).
 The random policy's responses end at EOS as a trained model's do: one residual dimension is held
-constant and EOS's (tied) embedding reads it (+EOS_LOGIT over every other token), so a response
-ends after ~1 / P(EOS) tokens, about half of max_new_tokens, and the lengths vary as real ones do.
+constant and EOS's (tied) embedding reads it (about +EOS_LOGIT over every other token), so a
+response ends after ~1 / P(EOS) tokens, roughly half of max_new_tokens, its length varying as real
+ones do (the printed response_length says what came out).
 
 A case is SHAPE-DTYPE-TRAINING-LAYOUT[-turns]: 0.5b or 1.5b; fp32 or bf16 (`dtype: bfloat16`:
 bf16 autocast over float32 master weights); full (every weight, AdamW) or lora (rank 16 on every
@@ -77,7 +81,7 @@ def build(root: Path, shape: str) -> Path:
 
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     from fastppo.data import write_jsonl
     words = ["<pad>", "<unk>", "<bos>", "<eos>"] + [f"w{i}" for i in range(TOKENIZER - 4)]
@@ -85,7 +89,8 @@ def build(root: Path, shape: str) -> Path:
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
                                   bos_token="<bos>", eos_token="<eos>")
-    config = Qwen2Config(vocab_size=VOCAB, tie_word_embeddings=True, max_position_embeddings=1024,
+    config = LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=True, attention_bias=True,
+                         rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=1024,
                          pad_token_id=0, bos_token_id=2, eos_token_id=EOS, **SHAPES[shape])
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
@@ -95,8 +100,11 @@ def build(root: Path, shape: str) -> Path:
         for layer in lm.model.layers:
             layer.self_attn.o_proj.weight[0] = 0.0
             layer.mlp.down_proj.weight[0] = 0.0
-        # after the final RMSNorm dimension 0 reads ~sqrt(hidden); EOS's row reads it EOS_LOGIT more
-        emb[EOS, 0] += EOS_LOGIT / config.hidden_size ** 0.5
+        # EOS's row reads dimension 0 of the final RMSNorm's output EOS_LOGIT more than every other
+        # token's row; that dimension's value, measured on a prompt, sets the weight
+        ids = torch.tensor([[2] + list(range(100, 100 + PROMPT_LEN))])
+        normed = lm(ids, output_hidden_states=True).hidden_states[-1][0, :, 0].mean().item()
+        emb[EOS, 0] += EOS_LOGIT / normed
     policy = root / f"policy-{shape}"
     lm.save_pretrained(policy)
     tok.save_pretrained(policy)

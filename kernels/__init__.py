@@ -53,9 +53,10 @@ else:
     from fastppo.kernels.linear import linear_ppo_loss, linear_token_logprobs
     from fastppo.kernels.ppo_loss import ppo_loss
     from fastppo.kernels.token_logprobs import token_logprobs
+    from fastppo.kernels.truncation import truncation_threshold
     from fastppo.kernels.whiten import masked_whiten
     from fastppo.kernels.reference import PPOLossOutput
 
     __all__ = ["token_logprobs", "kl_penalty", "kl_rewards", "gae", "reward_to_go", "masked_whiten",
                "ppo_loss", "linear_token_logprobs", "linear_ppo_loss", "group_advantages",
-               "PPOLossOutput"]
+               "truncation_threshold", "PPOLossOutput"]

@@ -10,25 +10,31 @@ synchronise between iterations.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from fastppo.data import Batch, pack_prompts
-from fastppo.kernels.reference import truncation_mask
+from fastppo.kernels import truncation_threshold
 from fastppo.models import backbone, without_checkpointing
 from fastppo.rollout import Sampling
 from fastppo.rollout.uniforms import keyed_uniforms
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """The logits with every token the sampler may not draw set to -inf: top-k (0: all) then top-p
-    (1: all), as `fastppo.kernels.reference.truncation_mask` defines them. The trainer's kernels
-    (token_logprobs / ppo_loss with top_k, top_p) score the same truncated distribution."""
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """logits / temperature with every token the sampler may not draw set to -inf: top-k (0: all)
+    then top-p (1: all), as `fastppo.kernels.reference.truncation_mask` defines them, through the
+    kernels' own threshold (`fastppo.kernels.truncation_threshold`: a selection pass, no sort of the
+    vocabulary), so the trainer's kernels (token_logprobs / ppo_loss with top_k, top_p) score the
+    kept set the sampler drew from."""
+    z = logits if temperature == 1.0 else logits / temperature
     if not top_k and top_p >= 1.0:
-        return logits
-    return logits.masked_fill(~truncation_mask(logits, top_k, top_p), float("-inf"))
+        return z
+    tau = truncation_threshold(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return z.masked_fill(~((logits >= tau[..., None]) | torch.isnan(logits)), float("-inf"))
 
 
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -50,6 +56,37 @@ def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
+@contextlib.contextmanager
+def frozen_weights_cast(lm) -> Iterator[None]:
+    """Under bf16 (or fp16) autocast: the frozen float32 weights and biases of `lm`'s nn.Linear
+    layers (LoRA's base, a frozen LM head) replaced by copies in that dtype while the block runs.
+    autocast casts a linear layer's float32 weight on every call and keeps the cast only for weights
+    that require grad: frozen ones are cast again at every token of the sampling loop, reading 4 and
+    writing 2 bytes per weight before the matmul reads its 2 (measured at the Qwen2.5-0.5B shape,
+    bench/RESULTS.md). The copies are what autocast's cast gives (the same rounding), so the logits
+    are the same, bit for bit. Nothing is done without autocast, or under torch.distributed
+    (FSDP2 manages the parameters there)."""
+    device_type = next(lm.parameters()).device.type
+    low = torch.get_autocast_dtype(device_type)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not torch.is_autocast_enabled(device_type) or low == torch.float32 or dist:
+        yield
+        return
+    swapped = []
+    for module in lm.modules():
+        if isinstance(module, torch.nn.Linear):
+            for name, p in list(module._parameters.items()):
+                if p is not None and not p.requires_grad and p.dtype == torch.float32:
+                    swapped.append((module, name, p))
+                    module._parameters[name] = torch.nn.Parameter(p.detach().to(low),
+                                                                  requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
 @torch.no_grad()
 def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top_k: int,
              top_p: float, eos_id: int, pad_id: int, uniforms: Callable[[int], torch.Tensor]) -> Batch:
@@ -57,20 +94,27 @@ def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top
     row); returns the packed prompt + response batch (tokens after a row's EOS are padding and
     masked out) with the sampler's log-prob of each token (under the filtered distribution)."""
     ids, attn = prompts.input_ids, prompts.attention_mask
-    B = ids.shape[0]
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    new_tokens, new_mask, new_logprobs = [], [], []
-    cache, step_ids, full_attn = None, ids, attn
     # The KV cache's argument is `cache` in current transformers, `past_key_values` before (5.x
     # warns on the old name): use what this version's backbone takes.
     cache_arg = "cache" if "cache" in inspect.signature(lm.base_model.forward).parameters \
         else "past_key_values"
+    with frozen_weights_cast(lm):
+        return _sample(lm, ids, attn, prompts.prompt_len, max_new_tokens, temperature, top_k, top_p,
+                       eos_id, pad_id, uniforms, cache_arg)
+
+
+def _sample(lm, ids, attn, prompt_len, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
+            uniforms, cache_arg) -> Batch:
+    B = ids.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    new_tokens, new_mask, new_logprobs = [], [], []
+    cache, step_ids, full_attn = None, ids, attn
     for step in range(max_new_tokens):
         with without_checkpointing(lm):
             out = backbone(lm, step_ids, full_attn, use_cache=True, **{cache_arg: cache})
         cache = getattr(out, cache_arg)
-        logits = lm.get_output_embeddings()(out.last_hidden_state[:, -1]).float() / temperature
-        probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+        logits = lm.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
+        probs = torch.softmax(filter_logits(logits, top_k, top_p, temperature), dim=-1)
         token = sample(probs, uniforms(step))
         token = torch.where(done, pad_id, token)
         real = ~done  # the EOS itself counts; what follows it is padding
@@ -85,7 +129,7 @@ def generate(lm, prompts: Batch, *, max_new_tokens: int, temperature: float, top
     responses = torch.stack(new_tokens, 1)
     response_mask = torch.stack(new_mask, 1)
     return Batch(torch.cat([ids, responses], 1), torch.cat([attn, response_mask], 1), response_mask,
-                 prompts.prompt_len, torch.stack(new_logprobs, 1))
+                 prompt_len, torch.stack(new_logprobs, 1))
 
 
 class HFRollout:

@@ -142,3 +142,39 @@ def test_sampler_logprobs_are_those_of_the_distribution_it_drew_from(top_k, top_
     else:  # the kept mass: the filtered log-prob exceeds the full one
         assert (batch.sampler_logprobs[mask] >= lp[mask] - 1e-6).all()
         assert (batch.sampler_logprobs[mask] > lp[mask] + 1e-3).any()
+
+
+def test_frozen_weights_cast_once_for_sampling_changes_nothing(monkeypatch):
+    # Under bf16 autocast the sampler reads the frozen linear weights (LoRA's base) as bf16 copies
+    # made once, not cast again at every token: the same tokens and sampler log-probs bit for bit,
+    # and the float32 parameters are back in place afterwards.
+    import contextlib
+
+    import fastppo.rollout.hf as hf
+    from fastppo.models import tiny_llama
+
+    torch.manual_seed(0)
+    lm = tiny_llama(50, hidden=32, layers=2, heads=2).eval()
+    for name, p in lm.named_parameters():
+        p.requires_grad_("layers.1" in name)  # frozen: all but the second layer's
+    before = {name: p for name, p in lm.named_parameters()}
+    rollout = HFRollout(lm, Sampling(max_new_tokens=8, top_p=0.9), eos_id=3, pad_id=0,
+                        device="cpu", seed=1)
+    prompts = [[2, 5, 9], [2, 7], [2, 11, 12, 13]]
+    seen = []
+
+    def spy(model):  # the copies the sampler runs on
+        seen.extend(p.dtype for m in model.modules() if isinstance(m, torch.nn.Linear)
+                    for p in m.parameters() if not p.requires_grad)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once = rollout.generate(prompts, iteration=2)
+        with hf.frozen_weights_cast(lm):
+            spy(lm)
+        monkeypatch.setattr(hf, "frozen_weights_cast", lambda lm: contextlib.nullcontext())
+        every_call = rollout.generate(prompts, iteration=2)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert torch.equal(once.input_ids, every_call.input_ids)
+    assert torch.equal(once.sampler_logprobs, every_call.sampler_logprobs)
+    after = dict(lm.named_parameters())
+    assert all(after[n] is p and p.dtype == torch.float32 for n, p in before.items())

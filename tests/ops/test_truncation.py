@@ -97,11 +97,42 @@ def test_top_p_boundary_either_side():
             assert (kept_above, kept_below) == (j + 2, j + 1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncation_threshold_is_the_kept_set_of_any_shape_and_strides(backend):
+    from fastppo.kernels import truncation_threshold
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 5, 300, generator=g) * 3)[:, 1:]  # (2, 4, V), rows two strides apart
+    for T, k, p in [(1.0, 0, 0.9), (0.7, 20, 1.0), (1.5, 30, 0.6), (1.0, 0, 1.0), (1.0, 300, 1.0)]:
+        tau = truncation_threshold(x.to(DEVICE), temperature=T, top_k=k, top_p=p, backend=backend)
+        assert tau.shape == (2, 4) and tau.dtype == torch.float32
+        keep = reference.truncation_mask(x.double() / T, k, p)
+        assert torch.equal(x >= tau.cpu()[..., None], keep), (T, k, p)
+        if (k == 0 or k >= 300) and p == 1.0:
+            assert (tau == -INF).all()
+
+
+def test_truncation_threshold_names_bad_arguments():
+    from fastppo.kernels import truncation_threshold
+
+    x = torch.randn(3, 10)
+    for kwargs, match in [(dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"),
+                          (dict(temperature=0.0), "temperature"), (dict(backend="gpu"), "backend")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            truncation_threshold(x, **kwargs)
+    with pytest.raises(TypeError, match="logits"):
+        truncation_threshold(x.long(), top_p=0.5)
+    with pytest.raises(ValueError, match="logits"):
+        truncation_threshold(torch.randn(3, 0), top_p=0.5)
+
+
 def test_sampler_filters_with_the_kernels_definition():
     z = torch.randn(6, 500, generator=torch.Generator().manual_seed(1)).mul(3).round()  # ties
     for k, p in CUTS:
-        want = z.masked_fill(~reference.truncation_mask(z, k, p), -INF)
+        want = z.masked_fill(~reference.truncation_mask(z.double(), k, p), -INF)
         assert torch.equal(filter_logits(z, k, p), want), (k, p)
+        want = (z / 0.7).masked_fill(~reference.truncation_mask(z.double() / 0.7, k, p), -INF)
+        assert torch.equal(filter_logits(z, k, p, temperature=0.7), want), (k, p)
     assert filter_logits(z, 0, 1.0) is z
 
 

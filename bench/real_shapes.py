@@ -245,7 +245,6 @@ def main() -> None:
     device = device_name("cpu")
     print(f"{device}: matmul peak {peaks['float32']:.0f} GFLOP/s float32, "
           f"{peaks['bfloat16']:.0f} bfloat16 (2048^3, same run)", flush=True)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root, policies = Path(tmp), {}
         for case in cases:
@@ -257,12 +256,14 @@ def main() -> None:
                                   + (["--profile", case] if args.profile else []),
                                   capture_output=True, text=True, cwd=Path(__file__).parent)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            rows = []  # appended case by case: a stopped run keeps what it measured
             if proc.returncode or not line:
                 print(f"{case}: failed (exit {proc.returncode}):\n{proc.stderr[-2500:]}", flush=True)
                 rows.append({"date": today(), "revision": git_revision(), "device": device,
                              "torch": torch.__version__, "case": case,
                              "failed": proc.stderr.strip().splitlines()[-1][:200]
                              if proc.stderr.strip() else f"exit {proc.returncode}"})
+                append_csv("real_shapes.csv", rows)
                 continue
             result = json.loads(line[-1][7:])
             for r in summarise(case, result, peaks, *linear_weights(shape)):
@@ -277,7 +278,7 @@ def main() -> None:
                     print(f"  {s:8.3f} s  {name}")
                 rows[-1].update({f"profile_{k}_s": round(v, 3) for k, v in prof.items()
                                  if k != "top_ops"})
-    print("appended to", append_csv("real_shapes.csv", rows))
+            print("appended to", append_csv("real_shapes.csv", rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/soak.py [--iterations 300 --kill_at 160 --save_every 25]
     python bench/soak.py --hidden 32 --layers 1 --iterations 6 --kill_at 4 --save_every 2   # smoke
+    python bench/soak.py --shape 0.5b --iterations 50 --kill_at 35 --save_every 10
 
 The workload is bench/e2e.py's (Llama-style policy and reward model, hidden 256, 4 layers,
 vocabulary 32000; 16 prompts, 32 new tokens, 4 PPO epochs of 2 mini-batches, GAE), run through the
@@ -15,6 +16,11 @@ reference's exactly (every metric, bit for bit) from the checkpoint on; resident
 trend: the least-squares slope of each iteration's peak RSS (MiB per 100 iterations) over the first
 part and over the resumed part, and their first and last values. Rows go to bench/results/soak.csv;
 the exit status is 1 when a check fails.
+
+--shape 0.5b: the Qwen2.5-0.5B shape of bench/real_shapes.py instead (random init, tied embeddings,
+vocabulary 151,936, responses ending at EOS) as its users train it: GRPO, 4 prompts x 2 samples of
+at most 32 new tokens, LoRA rank 16, bf16, top-p 0.95, 1 epoch of 2 mini-batches, its reward
+function (no reward model).
 """
 from __future__ import annotations
 
@@ -38,11 +44,17 @@ SKIP = ("time_", "tokens_per_s", "peak_memory", "iteration_memory")  # timings a
 
 
 def ppo(policy, rm, prompts, out: Path, iterations: int, args, *extra) -> list[str]:
-    return [sys.executable, "-m", "fastppo", "ppo", "--prompts", str(prompts), "--policy",
-            str(policy), "--reward_model", str(rm), "--out", str(out), "--iterations",
-            str(iterations), "--batch_size", str(PROMPTS), "--mini_batch_size", str(PROMPTS // 2),
-            "--ppo_epochs", "4", "--max_new_tokens", "32", "--save_every", str(args.save_every),
-            "--seed", "0", *extra]
+    common = [sys.executable, "-m", "fastppo", "ppo", "--prompts", str(prompts), "--policy",
+              str(policy), "--out", str(out), "--iterations", str(iterations), "--max_new_tokens",
+              "32", "--save_every", str(args.save_every), "--seed", "0"]
+    if args.shape == "0.5b":  # bench/real_shapes.py's reward function (PYTHONPATH: bench/)
+        return common + ["--reward_fn", "real_shapes:reward", "--batch_size", "8",
+                         "--samples_per_prompt", "2", "--advantage_estimator", "grpo",
+                         "--mini_batch_size", "4", "--ppo_epochs", "1", "--lora_rank", "16",
+                         "--dtype", "bfloat16", "--top_p", "0.95", "--kl_in_loss", "true",
+                         "--kl_coef", "0.04", "--lr", "1e-5", *extra]
+    return common + ["--reward_model", str(rm), "--batch_size", str(PROMPTS), "--mini_batch_size",
+                     str(PROMPTS // 2), "--ppo_epochs", "4", *extra]
 
 
 def metrics(out: Path) -> list[dict]:
@@ -61,7 +73,9 @@ def metrics(out: Path) -> list[dict]:
 def run(command, *, kill_at: int | None = None, out: Path | None = None, timeout: float = 3600):
     """Run `command` (its own process group); with kill_at, SIGKILL the group once out's metrics
     hold that many iterations. Returns the exit status (negative: killed)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    bench = str(Path(__file__).resolve().parent)  # real_shapes:reward, for --shape 0.5b
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [bench, os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True, cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + timeout
@@ -108,6 +122,9 @@ def main(argv=None) -> int:
     parser.add_argument("--save_every", type=int, default=25)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--shape", choices=["e2e", "0.5b"], default="e2e",
+                        help="e2e: bench/e2e.py's workload (--hidden, --layers); 0.5b: the "
+                        "Qwen2.5-0.5B shape, LoRA, bf16 (see above)")
     parser.add_argument("--csv", default="soak.csv")
     parser.add_argument("--skip_reference", action="store_true",
                         help="no reference run (the exactness check is skipped)")
@@ -117,7 +134,11 @@ def main(argv=None) -> int:
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        policy, rm, prompts = workload(root, 0, args.hidden, args.layers)
+        if args.shape == "0.5b":
+            from real_shapes import build
+            policy, rm, prompts = build(root, "0.5b"), None, root / "prompts.jsonl"
+        else:
+            policy, rm, prompts = workload(root, 0, args.hidden, args.layers)
         soak, reference = root / "soak", root / "reference"
         start = time.perf_counter()
         status = run(ppo(policy, rm, prompts, soak, args.iterations, args), kill_at=args.kill_at,
@@ -145,7 +166,9 @@ def main(argv=None) -> int:
         failures.append(f"the resumed run differs from the reference at {differ[:5]}")
     first, second = rows[1:resumed_from], rows[resumed_from + 1:]  # each part's first: a warm-up
     result = dict(date=today(), rev=git_revision(), device=device_name("cpu"),
-                  torch=torch.__version__, workload=f"h{args.hidden}-l{args.layers}",
+                  torch=torch.__version__,
+                  workload=f"h{args.hidden}-l{args.layers}" if args.shape == "e2e" else
+                  "qwen2.5-0.5b-shape, lora16, bf16, grpo",
                   iterations=args.iterations, killed_after=len(before), resumed_from=resumed_from,
                   seconds=f"{seconds:.0f}",
                   exact_steps="not checked" if args.skip_reference else

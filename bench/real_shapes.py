@@ -176,7 +176,8 @@ def profile_split(prof, wall: float) -> dict:
         s = e.self_cpu_time_total / 1e6
         kind = next((k for k, names in kinds.items() if e.key.startswith(names)), None)
         if kind is None:
-            kind = "fastppo_kernels" if e.key.startswith("fastppo") else "other_ops"
+            kind = ("fastppo_kernels" if e.key.startswith(("fastppo", "Native")) or "Linear" in e.key
+                    and e.key.endswith("Function") else "other_ops")
         seconds[kind] += s
         top[e.key] = s
     seconds["python_and_rest"] = max(0.0, wall - sum(seconds.values()))

@@ -9,7 +9,8 @@ import fastppo.kernels
 
 KERNELS = Path(fastppo.kernels.__file__).parent
 PUBLIC = ["token_logprobs", "kl_penalty", "kl_rewards", "gae", "reward_to_go", "masked_whiten",
-          "ppo_loss", "linear_token_logprobs", "linear_ppo_loss", "group_advantages", "PPOLossOutput"]
+          "ppo_loss", "linear_token_logprobs", "linear_ppo_loss", "group_advantages",
+          "truncation_threshold", "PPOLossOutput"]
 
 
 def imported_modules(path: Path) -> set[str]:

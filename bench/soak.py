@@ -1,7 +1,7 @@
 """A soak: many PPO iterations of the standard workload, killed once in the middle and resumed.
 
     python bench/soak.py [--iterations 300 --kill_at 160 --save_every 25]
-    python bench/soak.py --hidden 32 --layers 1 --iterations 6 --kill_at 4 --save_every 2   # smoke
+    python bench/soak.py --hidden 64 --layers 1 --iterations 6 --kill_at 3 --save_every 2   # smoke, ~20 s
     python bench/soak.py --shape 0.5b --iterations 50 --kill_at 35 --save_every 10
 
 The workload is bench/e2e.py's (Llama-style policy and reward model, hidden 256, 4 layers,
